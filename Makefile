@@ -1,0 +1,32 @@
+# episeg-bids developer commands. Everything installs into .venv from pinned versions.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+DEMO := build/demo
+
+.PHONY: setup demo test model clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt . pytest
+	touch $@
+
+demo: setup
+	rm -rf $(DEMO)/out
+	$(PY) run.py tests/data/ds-example $(DEMO)/out participant \
+		--model-dir models/demo -w $(DEMO)/work --save-probseg
+	@echo
+	@echo "Outputs: $(DEMO)/out  (masks under sub-*/func/, sidecars *.json, crash files sub-*/log/)"
+
+test: setup
+	$(PY) -m pytest
+
+model: setup
+	$(PY) tools/train_demo_model.py
+
+clean:
+	rm -rf build

@@ -1,0 +1,226 @@
+"""Command line: the BIDS-App interface and ``install-model``.
+
+``episeg-bids BIDS_DIR OUTPUT_DIR {participant,group} [options]`` and
+``episeg-bids install-model [--url URL] [--sha256 HEX]``. This module only parses arguments into
+an :class:`~episeg_bids.options.Options`, sets up logging and maps expected failures
+(:class:`~episeg_bids.errors.EpisegError`) to the BIDS-App exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import EpisegError, OutputError, UsageError
+from .options import Options
+
+log = logging.getLogger("episeg_bids")
+
+EXIT_UNKNOWN_LEVEL = 17
+EXIT_USAGE = 64
+LEVELS = ("participant", "group")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The BIDS-App argument parser (``install-model`` has its own, see :func:`get_install_parser`)."""
+    parser = argparse.ArgumentParser(
+        prog="episeg-bids",
+        description="Segment the spinal cord on EPI-BOLD fMRI (4D runs and 3D mean EPIs) of a BIDS "
+                    "dataset with the EPISeg nnUNetv2 model, as sct_deepseg sc_epi does, and write "
+                    "BIDS derivatives. 'episeg-bids install-model --help' installs the weights.",
+    )
+    parser.add_argument("bids_dir", type=Path, help="the root folder of a BIDS dataset (sub-XXXXX folders at the top level)")
+    parser.add_argument("output_dir", type=Path, help="the output folder (a BIDS derivative dataset)")
+    parser.add_argument("analysis_level", help="'participant': segment each run; 'group': dataset tables and report "
+                                               "from what the participant level wrote")
+    selection = parser.add_argument_group("selecting inputs")
+    selection.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL",
+                           help="label(s) of the participant(s) to analyse, with or without 'sub-' "
+                                "(default: all participants)")
+    selection.add_argument("--session-label", "--session_label", nargs="+", metavar="LABEL",
+                           help="session label(s), with or without 'ses-'")
+    selection.add_argument("--task-label", "--task_label", nargs="+", metavar="LABEL",
+                           help="task label(s), with or without 'task-'")
+    selection.add_argument("--bids-filter-file", type=Path, metavar="FILE",
+                           help='JSON merged into the default queries "bold" (4D runs) and "mean" (3D mean EPIs), '
+                                'e.g. {"bold": {"task": "rest", "session": "01"}}; null = entity absent, "*" = any value')
+    selection.add_argument("--skip-bids-validation", action="store_true",
+                           help="do not run bids-validator-deno on the input (BOLD_NOT_4D of 3D means is always accepted)")
+    model_group = parser.add_argument_group("model and device")
+    model_group.add_argument("--model-dir", type=Path, metavar="DIR",
+                             help="nnUNetv2 model folder (default: $EPISEG_MODEL_DIR, else the EPISeg weights "
+                                  "installed by 'episeg-bids install-model')")
+    model_group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                             help="where the network runs; auto = CUDA when torch sees a GPU (default: auto)")
+    model_group.add_argument("--tta", action="store_true",
+                             help="test-time augmentation by mirroring (as SCT's -test-time-aug; about 8x slower)")
+    post = parser.add_argument_group("post-processing (sct_deepseg semantics and order)")
+    post.add_argument("--thr", type=float, metavar="T",
+                      help="mask = foreground probability > T instead of the argmax (0-1)")
+    post.add_argument("--largest", action="store_true", help="keep the largest connected component (6-connectivity)")
+    post.add_argument("--fill-holes", action="store_true", help="fill holes (3x3x3 structure)")
+    post.add_argument("--remove-small", metavar="N[vox|mm3]",
+                      help="remove objects smaller than N voxels (default unit) or N mm3 (18-connectivity)")
+    outputs = parser.add_argument_group("outputs and resources")
+    outputs.add_argument("--save-probseg", action="store_true", help="also write the foreground probability map")
+    outputs.add_argument("--overwrite", action="store_true", help="recompute runs whose outputs are complete")
+    outputs.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
+                         help="work folder for the pybids database (default: OUTPUT_DIR/../episeg_work); "
+                              "keep it on local disk")
+    outputs.add_argument("--nprocs", type=int, default=1, metavar="N",
+                         help="worker processes nnUNet may start for preprocessing (default: 1)")
+    outputs.add_argument("--omp-nthreads", type=int, metavar="N",
+                         help="threads for the network on the CPU (default: torch's choice)")
+    parser.add_argument("--version", action="version", version=f"episeg-bids {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    return parser
+
+
+def get_install_parser() -> argparse.ArgumentParser:
+    """Parser of ``episeg-bids install-model``."""
+    from .model import EPISEG_URL
+
+    parser = argparse.ArgumentParser(
+        prog="episeg-bids install-model",
+        description="Download the EPISeg nnUNetv2 weights (release zip) into the cache "
+                    "($EPISEG_HOME, default ~/.cache/episeg-bids) and record their checksum.",
+    )
+    parser.add_argument("--url", default=EPISEG_URL, help="release zip to install (default: EPISeg v0.2)")
+    parser.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of the zip; installation fails on mismatch")
+    parser.add_argument("--name", help="folder name under $EPISEG_HOME/models (default: derived from the URL)")
+    parser.add_argument("--force", action="store_true", help="reinstall even if the model is already installed")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    return parser
+
+
+def _labels(values: list[str] | None, prefix: str) -> tuple[str, ...] | None:
+    if not values:
+        return None
+    return tuple(v[len(prefix):] if v.startswith(prefix) else v for v in values)
+
+
+def options_from_args(args: argparse.Namespace) -> Options:
+    """Check the parsed arguments and freeze them into :class:`Options`.
+
+    Raises
+    ------
+    UsageError
+        For values that cannot work (paths, ranges).
+    """
+    from .postprocess import parse_size
+
+    bids_dir = args.bids_dir.expanduser().resolve()
+    output_dir = args.output_dir.expanduser().resolve()
+    if not bids_dir.is_dir():
+        raise UsageError(f"BIDS folder {args.bids_dir} does not exist")
+    if output_dir == bids_dir:
+        raise UsageError(f"output folder {args.output_dir} is the BIDS folder; use e.g. BIDS_DIR/derivatives/episeg")
+    if args.thr is not None and not 0.0 <= args.thr < 1.0:
+        raise UsageError(f"--thr {args.thr}: expected a probability in [0, 1)")
+    if args.nprocs < 1 or (args.omp_nthreads is not None and args.omp_nthreads < 1):
+        raise UsageError("--nprocs and --omp-nthreads must be at least 1")
+    if args.bids_filter_file is not None and not args.bids_filter_file.is_file():
+        raise UsageError(f"--bids-filter-file {args.bids_filter_file} does not exist")
+    work_dir = (args.work_dir or output_dir.parent / "episeg_work").expanduser().resolve()
+    return Options(
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        analysis_level=args.analysis_level,
+        work_dir=work_dir,
+        participant_labels=_labels(args.participant_label, "sub-"),
+        session_labels=_labels(args.session_label, "ses-"),
+        task_labels=_labels(args.task_label, "task-"),
+        bids_filter_file=args.bids_filter_file.resolve() if args.bids_filter_file else None,
+        skip_bids_validation=args.skip_bids_validation,
+        model_dir=args.model_dir.expanduser().resolve() if args.model_dir else None,
+        device=args.device,
+        tta=args.tta,
+        nprocs=args.nprocs,
+        omp_nthreads=args.omp_nthreads,
+        thr=args.thr,
+        largest=args.largest,
+        fill_holes=args.fill_holes,
+        remove_small=parse_size(args.remove_small) if args.remove_small else None,
+        save_probseg=args.save_probseg,
+        overwrite=args.overwrite,
+        verbose=args.verbose,
+    )
+
+
+def setup_logging(verbose: int) -> None:
+    """Log lines ``HH:MM:SS LEVEL message`` on stderr; -v INFO for dependencies, -vv DEBUG."""
+    level = logging.DEBUG if verbose >= 2 else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if verbose == 0 else level)
+    logging.getLogger("episeg_bids").setLevel(level if verbose else logging.INFO)
+
+
+def install_main(argv: list[str]) -> int:
+    """``episeg-bids install-model``: prints the installed folder on stdout."""
+    from .install import install_model
+
+    args = get_install_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        folder = install_model(args.url, sha256=args.sha256, name=args.name, force=args.force,
+                               log=lambda message: log.info("%s", message))
+    except EpisegError as err:
+        print(f"episeg-bids install-model: error: {err}", file=sys.stderr)
+        return err.exit_code
+    print(folder)
+    return 0
+
+
+def prepare_folders(options: Options) -> None:
+    """Create the output and work folders (exit code 73 when impossible)."""
+    for folder in (options.output_dir, options.work_dir):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"cannot create {folder} ({err.strerror}); choose a writable folder") from err
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (never calls ``sys.exit``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["install-model"]:
+        return install_main(argv[1:])
+    parser = get_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse exits 2 on usage errors, 0 for --help/--version
+        return EXIT_USAGE if exit_.code not in (0, None) else 0
+    setup_logging(args.verbose)
+    if args.analysis_level not in LEVELS:
+        print(f"episeg-bids: error: unknown analysis level {args.analysis_level!r}; use 'participant' or 'group'",
+              file=sys.stderr)
+        return EXIT_UNKNOWN_LEVEL
+    try:
+        options = options_from_args(args)
+        prepare_folders(options)
+        os.environ.setdefault("nnUNet_def_n_proc", str(options.nprocs))
+        if options.analysis_level == "participant":
+            from .pipeline import participant
+
+            summary = participant(options)
+            for line in summary.lines():
+                (log.error if line.startswith("FAILED") else log.info)("%s", line)
+            log.info("outputs in %s", options.output_dir)
+            return summary.exit_code
+        from .group import group
+
+        return group(options)
+    except EpisegError as err:
+        print(f"episeg-bids: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

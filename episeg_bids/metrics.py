@@ -1,0 +1,108 @@
+"""Cord metrics of a binary mask, from arrays and the affine only.
+
+"Slices" are taken along the voxel axis closest to the superior–inferior direction of the
+scanner (from the affine, as ``nibabel.orientations.io_orientation`` picks it), so the metrics are
+the same for an image stored as LAS, RAS or with permuted axes. The cross-sectional area of a
+slice is its voxel count times the in-plane voxel area (product of the two other zooms); it is an
+area in the image's slice plane, not corrected for the angle between cord and slice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from nibabel.orientations import io_orientation
+from scipy import ndimage
+
+
+def slice_axis(affine: np.ndarray) -> int:
+    """Voxel axis (0, 1 or 2) closest to the scanner's superior–inferior direction.
+
+    Examples
+    --------
+    >>> slice_axis(np.diag([1, 1, 1, 1]))
+    2
+    >>> slice_axis(np.array([[0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]]))
+    1
+    """
+    ornt = io_orientation(affine)
+    return int(np.flatnonzero(ornt[:, 0] == 2)[0])
+
+
+def slice_area_mm2(zooms_mm: tuple[float, float, float], axis: int) -> float:
+    """Area in mm² of one voxel's face in the slice plane orthogonal to ``axis``."""
+    others = [z for i, z in enumerate(zooms_mm[:3]) if i != axis]
+    return float(others[0] * others[1])
+
+
+def count_components(mask: np.ndarray) -> int:
+    """Connected components of the mask, 6-connectivity (as ``keep_largest_component``)."""
+    return int(ndimage.label(np.asarray(mask) > 0)[1])
+
+
+def per_slice(mask: np.ndarray, affine: np.ndarray, zooms_mm: tuple[float, float, float]) -> list[dict[str, Any]]:
+    """One row per slice: index (original voxel index), voxels, area in mm², centroid in mm.
+
+    Parameters
+    ----------
+    mask : (X, Y, Z) ndarray
+        Binary mask, on-disk voxel order.
+    affine : (4, 4) ndarray
+        Voxel → scanner RAS+ mm.
+    zooms_mm : (3,) tuple of float
+        Voxel size along X, Y, Z.
+
+    Returns
+    -------
+    rows : list of dict
+        ``slice`` (index along :func:`slice_axis`), ``voxels``, ``area_mm2``, and
+        ``centroid_x_mm``/``_y_mm``/``_z_mm`` (scanner RAS+ mm, None on an empty slice).
+    """
+    axis = slice_axis(affine)
+    binary = np.moveaxis(np.asarray(mask) > 0, axis, 0)
+    face = slice_area_mm2(zooms_mm, axis)
+    rows = []
+    for index, plane in enumerate(binary):
+        voxels = int(plane.sum())
+        centroid: list[float | None] = [None, None, None]
+        if voxels:
+            ij = np.argwhere(plane).mean(axis=0)
+            ijk = np.insert(ij, axis, index)
+            centroid = [round(float(c), 3) for c in affine[:3, :3] @ ijk + affine[:3, 3]]
+        rows.append({
+            "slice": index,
+            "voxels": voxels,
+            "area_mm2": round(voxels * face, 3),
+            "centroid_x_mm": centroid[0],
+            "centroid_y_mm": centroid[1],
+            "centroid_z_mm": centroid[2],
+        })
+    return rows
+
+
+def summary(mask: np.ndarray, affine: np.ndarray, zooms_mm: tuple[float, float, float]) -> dict[str, Any]:
+    """Whole-mask metrics for the sidecar and the group table.
+
+    Returns
+    -------
+    dict
+        ``voxels``, ``volume_mm3``, ``slice_axis``, ``n_slices``, ``slices_with_cord``,
+        ``first_slice``/``last_slice`` with cord (None when empty), ``mean_area_mm2`` over the
+        slices with cord, ``components`` (6-connectivity).
+    """
+    rows = per_slice(mask, affine, zooms_mm)
+    covered = [r["slice"] for r in rows if r["voxels"]]
+    voxels = int(sum(r["voxels"] for r in rows))
+    areas = [r["area_mm2"] for r in rows if r["voxels"]]
+    return {
+        "voxels": voxels,
+        "volume_mm3": round(voxels * float(np.prod(zooms_mm[:3])), 3),
+        "slice_axis": slice_axis(affine),
+        "n_slices": len(rows),
+        "slices_with_cord": len(covered),
+        "first_slice": covered[0] if covered else None,
+        "last_slice": covered[-1] if covered else None,
+        "mean_area_mm2": round(float(np.mean(areas)), 3) if areas else None,
+        "components": count_components(mask),
+    }

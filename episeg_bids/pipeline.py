@@ -1,0 +1,366 @@
+"""The participant level: the only place that knows the order of the stages.
+
+validate → discover (``layout``) → locate the model → for each run: volume (``epi``) →
+segment (``segment``, predictor built once) → post-process → metrics → write (``derivatives``).
+A failing run writes a crash file and the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from . import __version__, CODE_URL
+from . import derivatives as deriv
+from . import epi, layout, metrics, model, postprocess, segment, validate
+from .errors import EpisegError, InputImageError, NothingSelected, ValidationFailed
+from .options import Options
+from .progress import Progress
+
+log = logging.getLogger("episeg_bids")
+
+SOFTWARE = ("nnunetv2", "torch", "numpy", "scipy", "nibabel", "pybids")
+
+
+@dataclass
+class RunResult:
+    """What happened to one input: ``status`` is ``'done'``, ``'skipped'`` or ``'failed'``."""
+
+    run: layout.Run
+    status: str
+    seconds: float = 0.0
+    message: str = ""
+    crash_file: Path | None = None
+
+
+@dataclass
+class Summary:
+    """All run results and the wall time of the participant level."""
+
+    results: list[RunResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def failed(self) -> list[RunResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def lines(self) -> list[str]:
+        """Closing summary for the log: counts, time, then one line per failed run."""
+        head = (f"episeg-bids: {self.count('done')} done, {self.count('skipped')} skipped, "
+                f"{self.count('failed')} failed in {self.seconds:.0f} s")
+        return [head] + [f"FAILED {r.run.relpath}: {r.message}" + (f" (crash file {r.crash_file})" if r.crash_file else "")
+                         for r in self.failed]
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of Python, episeg-bids and the packages that shape the result."""
+    versions = {"python": platform.python_version(), "episeg-bids": __version__}
+    for name in SOFTWARE:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def container_info() -> dict[str, str] | None:
+    """``{'Type', 'Tag'}`` when running in the project's Docker or Apptainer image."""
+    kind = os.environ.get("EPISEG_CONTAINER_TYPE")
+    if not kind and (os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")):
+        kind = "singularity"
+    if not kind:
+        return None
+    tag = os.environ.get("EPISEG_CONTAINER_TAG") or os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER") or ""
+    return {"Type": kind, "Tag": tag}
+
+
+def check_dataset(options: Options) -> None:
+    """Run the BIDS validator unless skipped; log expected findings, raise on real errors.
+
+    Raises
+    ------
+    ValidationFailed
+        With the first errors in the message (exit code 16).
+    """
+    if options.skip_bids_validation:
+        log.info("BIDS validation skipped (--skip-bids-validation)")
+        return
+    findings = validate.run_validator(options.bids_dir)
+    for code, reason in validate.EXPECTED_CODES.items():
+        n = sum(f.code == code for f in findings)
+        if n:
+            log.info("validator: %d x %s accepted (%s)", n, code, reason)
+    errors = validate.blocking_errors(findings)
+    if errors:
+        for finding in errors:
+            log.error("validator: %s", finding.line())
+        raise ValidationFailed(
+            f"{options.bids_dir} failed BIDS validation with {len(errors)} error(s), first: "
+            f"{errors[0].line()}; fix the dataset or pass --skip-bids-validation"
+        )
+
+
+def select_runs(options: Options) -> list[layout.Run]:
+    """Discover the runs selected by labels and filters.
+
+    Raises
+    ------
+    NothingSelected
+        When nothing is selected (exit code 18).
+    """
+    filters = layout.load_filters(options.bids_filter_file)
+    bids_layout = layout.build_layout(options.bids_dir, options.work_dir)
+    subjects = list(options.participant_labels) if options.participant_labels else None
+    missing = layout.missing_subjects(bids_layout, subjects)
+    for label in missing:
+        log.warning("participant %s is not in %s", label, options.bids_dir)
+    runs = layout.find_runs(
+        bids_layout, filters, subjects=subjects,
+        sessions=list(options.session_labels) if options.session_labels else None,
+        tasks=list(options.task_labels) if options.task_labels else None,
+    )
+    if not runs:
+        raise NothingSelected(
+            f"no 4D _bold run or 3D mean EPI in {options.bids_dir} matches the participant/session/"
+            "task labels and the filters; check them (and the filter file's entities)"
+        )
+    return runs
+
+
+class Context:
+    """What every run shares: options, model spec, the predictor (built on first use)."""
+
+    def __init__(self, options: Options, spec: model.ModelSpec):
+        self.options = options
+        self.spec = spec
+        self.device = model.select_device(options.device)
+        self.orientation = model.image_orientation(spec)
+        self.fingerprint = options.fingerprint(spec.checkpoint_sha256)
+        self.versions = software_versions()
+        self._predictor = None
+
+    @property
+    def predictor(self):
+        if self._predictor is None:
+            started = time.monotonic()
+            self._predictor = model.load_predictor(
+                self.spec, device=self.device, tta=self.options.tta, threads=self.options.omp_nthreads)
+            log.info("model %s loaded on %s in %.1f s%s", self.spec.trainer_folder.name, self.device,
+                     time.monotonic() - started, " (DEMO model, not EPISeg)" if self.spec.is_demo else "")
+        return self._predictor
+
+
+def is_complete(outputs: deriv.RunOutputs, run: layout.Run, context: Context) -> bool:
+    """True when every output of the run exists and was made with the same model and options."""
+    needed = [outputs.mask, outputs.morph, deriv.RunOutputs.sidecar(outputs.mask)]
+    if run.kind == "run":
+        needed += [outputs.mean, deriv.RunOutputs.sidecar(outputs.mean)]
+    if context.options.save_probseg:
+        needed += [outputs.probseg, deriv.RunOutputs.sidecar(outputs.probseg)]
+    if not all(p.is_file() for p in needed):
+        return False
+    try:
+        sidecar = json.loads(deriv.RunOutputs.sidecar(outputs.mask).read_text())
+    except (OSError, ValueError):
+        return False
+    if sidecar.get("Fingerprint") != context.fingerprint:
+        log.info("%s: outputs were made with another model or options; recomputing", run.name)
+        return False
+    return True
+
+
+def process_run(run: layout.Run, context: Context) -> None:
+    """Segment one input and write its derivatives; raises on any failure."""
+    if run.kind == "invalid":
+        raise InputImageError(run.problem or f"{run.path.name} cannot be segmented")
+    options = context.options
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    volume = epi.read_volume(run.path)
+    timings["read_s"] = time.monotonic() - started
+
+    started = time.monotonic()
+    need_probability = options.save_probseg or options.thr is not None
+    seg = segment.segment_volume(
+        context.predictor, volume.data, volume.affine, volume.zooms_mm,
+        orientation=context.orientation, probabilities=need_probability)
+    mask, steps = postprocess.postprocess(
+        seg.mask, probability=seg.foreground_probability, thr=options.thr, largest=options.largest,
+        holes=options.fill_holes, remove_small=options.remove_small, zooms_mm=volume.zooms_mm)
+    timings["segment_s"] = time.monotonic() - started
+
+    summary = metrics.summary(mask, volume.affine, volume.zooms_mm)
+    rows = metrics.per_slice(mask, volume.affine, volume.zooms_mm)
+    if summary["voxels"] == 0:
+        volume.notes.append("empty mask: no spinal cord found")
+        log.warning("%s: empty mask", run.name)
+    write_outputs(run, context, volume, mask, seg.foreground_probability, steps, summary, rows, timings)
+
+
+def write_outputs(run: layout.Run, context: Context, volume: epi.EpiVolume, mask: np.ndarray,
+                  probability: np.ndarray | None, steps: list[str], summary: dict[str, Any],
+                  rows: list[dict[str, Any]], timings: dict[str, float]) -> None:
+    """Write mean, probseg, per-slice TSV, then the mask and its sidecar (last: the marker
+    of a complete run)."""
+    options = context.options
+    outputs = deriv.run_outputs(options.output_dir, run.relpath)
+    raw = deriv.bids_uri(run.relpath)
+    sources = [raw]
+    common = {
+        "GeneratedBy": [{"Name": "episeg-bids", "Version": __version__, "CodeURL": CODE_URL}],
+        "SoftwareVersions": context.versions,
+    }
+    if volume.is_mean_of_run:
+        tr = run.metadata.get("RepetitionTime") or volume.repetition_time_s or 1.0
+        deriv.write_nifti_atomic(volume.data[..., None], volume.affine, outputs.mean, dtype=np.float32,
+                                 zooms=(*volume.zooms_mm, float(tr)))
+        deriv.write_json_atomic({
+            **common,
+            "Description": f"Temporal mean of {volume.n_volumes} volumes (NaN/Inf samples excluded), "
+                           "stored as one volume (X, Y, Z, 1)",
+            "Sources": [raw],
+            "TaskName": run.metadata.get("TaskName", run.entities.get("task", "")),
+            "RepetitionTime": float(tr),
+            "SkullStripped": False,
+            "VolumesAveraged": volume.n_volumes,
+            "NonFiniteValues": volume.nonfinite,
+        }, deriv.RunOutputs.sidecar(outputs.mean))
+        sources = ["bids::" + outputs.mean.relative_to(options.output_dir).as_posix(), raw]
+    model_info = context.spec.describe()
+    if probability is not None and options.save_probseg:
+        deriv.write_nifti_atomic(probability, volume.affine, outputs.probseg, dtype=np.float32)
+        deriv.write_json_atomic({
+            **common,
+            "Description": "Spinal-cord probability (1 - softmax of the background class), 0-1, "
+                           "before post-processing",
+            "Sources": sources, "SpatialReference": raw, "Label": "SC", "Model": model_info,
+        }, deriv.RunOutputs.sidecar(outputs.probseg))
+    deriv.write_tsv_atomic(rows, outputs.morph)
+    deriv.write_json_atomic({
+        "Description": "Per-slice spinal-cord metrics of the mask",
+        "Sources": ["bids::" + outputs.mask.relative_to(options.output_dir).as_posix()],
+        "slice": {"Description": f"Voxel index along axis {summary['slice_axis']} (closest to superior-inferior)"},
+        "voxels": {"Description": "Mask voxels in the slice"},
+        "area_mm2": {"Description": "Cord cross-sectional area in the slice plane", "Units": "mm^2"},
+        "centroid_x_mm": {"Description": "Centroid, scanner RAS+ x", "Units": "mm"},
+        "centroid_y_mm": {"Description": "Centroid, scanner RAS+ y", "Units": "mm"},
+        "centroid_z_mm": {"Description": "Centroid, scanner RAS+ z", "Units": "mm"},
+    }, deriv.RunOutputs.sidecar(outputs.morph))
+    deriv.write_nifti_atomic(mask, volume.affine, outputs.mask, dtype=np.uint8)
+    deriv.write_json_atomic({
+        **common,
+        "Description": "Spinal-cord mask by the EPISeg nnUNetv2 model, run as sct_deepseg sc_epi"
+                       + (" (DEMO model: not the published EPISeg weights)" if context.spec.is_demo else ""),
+        "Type": "ROI",
+        "Label": "SC",
+        "Manual": False,
+        "Sources": sources,
+        "SpatialReference": raw,
+        "Model": model_info,
+        "Options": {**options.segmentation_options(), "device": context.device,
+                    "save_probseg": options.save_probseg},
+        "PostProcessing": steps,
+        "Input": {
+            "Path": run.relpath,
+            "SHA256": model.sha256_file(run.path),
+            "Kind": "4D run (temporal mean segmented)" if volume.is_mean_of_run else "3D mean EPI",
+            "Shape": list(run.shape),
+            "VoxelSizeMM": [round(z, 6) for z in volume.zooms_mm],
+            "Orientation": "".join(nib.aff2axcodes(volume.affine)),
+            "VolumesAveraged": volume.n_volumes,
+            "NonFiniteValues": volume.nonfinite,
+        },
+        "Metrics": summary,
+        "Notes": volume.notes,
+        "RunTimeSeconds": {k: round(v, 3) for k, v in timings.items()},
+        "Fingerprint": context.fingerprint,
+        "DateProcessed": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }, deriv.RunOutputs.sidecar(outputs.mask))
+
+
+def write_crash_file(run: layout.Run, options: Options, error: BaseException) -> Path | None:
+    """Traceback, input and options of a failed run under ``OUT/sub-<label>/log/``."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    path = deriv.crash_file_path(options.output_dir, run.subject, run.name, stamp)
+    text = "\n".join([
+        f"episeg-bids {__version__} crash report, {stamp} UTC",
+        f"input: {run.path}",
+        f"error: {error}",
+        "",
+        "".join(traceback.format_exception(type(error), error, error.__traceback__)),
+        "options:",
+        json.dumps(options.as_dict(), indent=2, sort_keys=True),
+        "",
+    ])
+    try:
+        deriv.write_bytes_atomic(text.encode(), path)
+    except OSError as err:
+        log.error("cannot write crash file %s (%s)", path, err)
+        return None
+    return path
+
+
+def participant(options: Options) -> Summary:
+    """Segment every selected run; one failing run never stops the others.
+
+    Raises
+    ------
+    EpisegError
+        Before any run is processed: validation failed, nothing selected, no model, output
+        folder not writable.
+    """
+    clock = time.monotonic()
+    check_dataset(options)
+    runs = select_runs(options)
+    log.info("%d input(s) selected: %d 4D run(s), %d 3D mean(s), %d unusable", len(runs),
+             sum(r.kind == "run" for r in runs), sum(r.kind == "mean" for r in runs),
+             sum(r.kind == "invalid" for r in runs))
+    spec = model.locate_model(options.model_dir)
+    if spec.is_demo:
+        log.warning("using the DEMO model %s: masks are for testing only; install the EPISeg "
+                    "weights with 'episeg-bids install-model'", spec.trainer_folder)
+    deriv.write_dataset_files(options.output_dir, options.bids_dir, container_info())
+    context = Context(options, spec)
+    summary = Summary()
+    progress = Progress(len(runs))
+    for run in runs:
+        started = time.monotonic()
+        outputs = deriv.run_outputs(options.output_dir, run.relpath)
+        if not options.overwrite and run.kind != "invalid" and is_complete(outputs, run, context):
+            summary.results.append(RunResult(run, "skipped", message="outputs complete"))
+            progress.step(run.name, "skipped (complete)")
+            continue
+        try:
+            process_run(run, context)
+        except Exception as error:  # one bad run must not stop the others
+            crash = write_crash_file(run, options, error)
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if not isinstance(error, EpisegError):
+                message = f"{type(error).__name__}: {message}"
+            log.error("%s: %s", run.relpath, message)
+            summary.results.append(RunResult(run, "failed", time.monotonic() - started, message, crash))
+            progress.step(run.name, "FAILED")
+            continue
+        summary.results.append(RunResult(run, "done", time.monotonic() - started))
+        progress.step(run.name, "done")
+    summary.seconds = time.monotonic() - clock
+    return summary
