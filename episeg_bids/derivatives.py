@@ -219,8 +219,12 @@ Spinal Cord Toolbox's `sct_deepseg sc_epi` runs it. Per input image (4D run or 3
 - `*_space-orig_label-SC_morph.tsv`: per-slice cord area (mm2) and centroid (mm);
 - JSON sidecars: inputs (bids:raw: URIs), model and checksums, options, versions, metrics.
 
-Failed runs leave a crash file under `sub-<label>/log/`.
+Failed runs leave a crash file under `sub-<label>/log/`. Files that the BIDS specification does
+not cover (per-slice tables, logs, QC pages, group tables) are listed in `.bidsignore`.
 """
+
+#: Outputs outside the BIDS specification, for the validator's ``.bidsignore``.
+BIDSIGNORE = ("*_morph.tsv", "*_morph.json", "sub-*/log/", "*.html", "qc/", "group_*", "logs/")
 
 
 def write_dataset_files(output_dir: Path, bids_dir: Path, container: dict[str, str] | None) -> None:
@@ -236,6 +240,7 @@ def write_dataset_files(output_dir: Path, bids_dir: Path, container: dict[str, s
         write_json_atomic(dataset_description(bids_dir, container), output_dir / "dataset_description.json")
         if not (output_dir / "README").exists():
             write_bytes_atomic(README_TEXT.encode(), output_dir / "README")
+        write_bytes_atomic(("\n".join(BIDSIGNORE) + "\n").encode(), output_dir / ".bidsignore")
     except OSError as err:
         raise OutputError(f"cannot write the output folder {output_dir} ({err.strerror}); check the path and permissions") from err
 

@@ -17,7 +17,9 @@ class name (looking that class up imports every trainer module, REFERENCE §6).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -86,7 +88,7 @@ class ModelSpec:
             "Checkpoint": self.checkpoint_name,
             "CheckpointSHA256": dict(self.checkpoint_sha256),
             "Source": dict(self.source),
-            "URL": self.source.get("url", EPISEG_URL if not self.is_demo else None),
+            "URL": self.source.get("url"),
             "IsDemoModel": self.is_demo,
         }
 
@@ -340,16 +342,17 @@ def load_predictor(spec: ModelSpec, *, device: str = "cpu", tta: bool = False, t
         deep_supervision=False,
     )
     network.load_state_dict(parameters[0])
-    predictor = nnUNetPredictor(
-        tile_step_size=0.5,
-        use_gaussian=True,
-        use_mirroring=tta,
-        perform_everything_on_device=False,
-        device=torch.device(device),
-        verbose=False,
-        verbose_preprocessing=False,
-        allow_tqdm=False,
-    )
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a notice for every CPU device
+        predictor = nnUNetPredictor(
+            tile_step_size=0.5,
+            use_gaussian=True,
+            use_mirroring=tta,
+            perform_everything_on_device=False,
+            device=torch.device(device),
+            verbose=False,
+            verbose_preprocessing=False,
+            allow_tqdm=False,
+        )
     predictor.manual_initialization(
         network, plans_manager, configuration, parameters, dataset_json,
         first["trainer_name"], first.get("inference_allowed_mirroring_axes"),

@@ -227,7 +227,7 @@ def write_outputs(run: layout.Run, context: Context, volume: epi.EpiVolume, mask
     sources = [raw]
     common = {
         "GeneratedBy": [{"Name": "episeg-bids", "Version": __version__, "CodeURL": CODE_URL}],
-        "SoftwareVersions": context.versions,
+        "PipelineVersions": context.versions,
     }
     if volume.is_mean_of_run:
         tr = run.metadata.get("RepetitionTime") or volume.repetition_time_s or 1.0
