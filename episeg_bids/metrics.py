@@ -106,3 +106,57 @@ def summary(mask: np.ndarray, affine: np.ndarray, zooms_mm: tuple[float, float, 
         "mean_area_mm2": round(float(np.mean(areas)), 3) if areas else None,
         "components": count_components(mask),
     }
+
+
+#: Plausible cord cross-sectional area of an adult human cord on one slice, in mm².
+#: Healthy adult cords measure about 7-9 mm antero-posterior by 8-13 mm transverse from C1 to
+#: the conus (Frostell et al. 2016, Front. Neurol. 7:238, segmental diameters), i.e. areas of
+#: roughly 40-90 mm²; C2-C3 cross-sectional areas on MRI are 64-91 mm² (Kato et al. 2012,
+#: AJNR 33:1213). The range is widened for EPI partial volume (1-2.5 mm voxels, thick slices,
+#: slices oblique to the cord), so only clearly implausible slices are flagged.
+PLAUSIBLE_AREA_MM2 = (20.0, 150.0)
+
+FLAG_TEXT = {
+    "empty": "the mask is empty: no spinal cord was found",
+    "gaps": "slices without cord inside the covered range",
+    "area": f"cord area outside {PLAUSIBLE_AREA_MM2[0]:g}-{PLAUSIBLE_AREA_MM2[1]:g} mm² on some slices",
+    "components": "the mask has more than one connected component",
+    "edge": "the mask touches the in-plane edge of the field of view",
+}
+
+
+def edge_contact(mask: np.ndarray, axis: int) -> bool:
+    """True when the mask has voxels on the in-plane border (first/last index of the two axes
+    other than the slice ``axis``)."""
+    binary = np.moveaxis(np.asarray(mask) > 0, axis, 0)
+    return bool(binary[:, 0, :].any() or binary[:, -1, :].any() or binary[:, :, 0].any() or binary[:, :, -1].any())
+
+
+def quality_flags(mask: np.ndarray, affine: np.ndarray, rows: list[dict[str, Any]],
+                  summary_: dict[str, Any]) -> list[dict[str, Any]]:
+    """Automatic QC flags of one mask, each ``{'code', 'message', 'slices'}``.
+
+    Codes: ``empty``, ``gaps`` (slices without cord between the first and last covered slice),
+    ``area`` (a covered slice outside :data:`PLAUSIBLE_AREA_MM2`), ``components`` (more than
+    one, 6-connectivity) and ``edge`` (touches the in-plane field-of-view border). ``slices``
+    lists the slice indices concerned (empty when the flag is about the whole mask).
+    """
+    def flag(code: str, slices: list[int] | None = None, detail: str = "") -> dict[str, Any]:
+        return {"code": code, "message": FLAG_TEXT[code] + detail, "slices": slices or []}
+
+    if summary_["voxels"] == 0:
+        return [flag("empty")]
+    flags = []
+    first, last = summary_["first_slice"], summary_["last_slice"]
+    gaps = [r["slice"] for r in rows if first < r["slice"] < last and r["voxels"] == 0]
+    if gaps:
+        flags.append(flag("gaps", gaps, f": {', '.join(map(str, gaps))}"))
+    low, high = PLAUSIBLE_AREA_MM2
+    odd = [r["slice"] for r in rows if r["voxels"] and not low <= r["area_mm2"] <= high]
+    if odd:
+        flags.append(flag("area", odd, f": slices {', '.join(map(str, odd))}"))
+    if summary_["components"] > 1:
+        flags.append(flag("components", detail=f" ({summary_['components']})"))
+    if edge_contact(mask, slice_axis(affine)):
+        flags.append(flag("edge"))
+    return flags

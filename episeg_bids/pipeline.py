@@ -210,15 +210,15 @@ def process_run(run: layout.Run, context: Context) -> None:
 
     summary = metrics.summary(mask, volume.affine, volume.zooms_mm)
     rows = metrics.per_slice(mask, volume.affine, volume.zooms_mm)
-    if summary["voxels"] == 0:
-        volume.notes.append("empty mask: no spinal cord found")
-        log.warning("%s: empty mask", run.name)
-    write_outputs(run, context, volume, mask, seg.foreground_probability, steps, summary, rows, timings)
+    flags = metrics.quality_flags(mask, volume.affine, rows, summary)
+    for item in flags:
+        log.warning("%s: %s", run.name, item["message"])
+    write_outputs(run, context, volume, mask, seg.foreground_probability, steps, summary, rows, timings, flags)
 
 
 def write_outputs(run: layout.Run, context: Context, volume: epi.EpiVolume, mask: np.ndarray,
                   probability: np.ndarray | None, steps: list[str], summary: dict[str, Any],
-                  rows: list[dict[str, Any]], timings: dict[str, float]) -> None:
+                  rows: list[dict[str, Any]], timings: dict[str, float], flags: list[dict[str, Any]]) -> None:
     """Write mean, probseg, per-slice TSV, then the mask and its sidecar (last: the marker
     of a complete run)."""
     options = context.options
@@ -290,6 +290,7 @@ def write_outputs(run: layout.Run, context: Context, volume: epi.EpiVolume, mask
             "NonFiniteValues": volume.nonfinite,
         },
         "Metrics": summary,
+        "Flags": flags,
         "Notes": volume.notes,
         "RunTimeSeconds": {k: round(v, 3) for k, v in timings.items()},
         "Fingerprint": context.fingerprint,

@@ -50,3 +50,25 @@ def test_gaps_and_empty_slices():
 def test_empty_mask():
     s = summary(np.zeros((4, 4, 4), np.uint8), np.eye(4), (1.0, 1.0, 1.0))
     assert s["voxels"] == 0 and s["first_slice"] is None and s["mean_area_mm2"] is None
+
+
+def test_quality_flags_on_hand_made_masks():
+    from episeg_bids.metrics import per_slice, quality_flags
+    affine, zooms = np.eye(4), (1.0, 1.0, 1.0)
+
+    def flags_of(mask):
+        rows = per_slice(mask, affine, zooms)
+        return {f["code"]: f for f in quality_flags(mask, affine, rows, summary(mask, affine, zooms))}
+
+    good = cylinder((21, 21, 5), 4, axis=2)           # 49 mm² per slice, one component, centred
+    assert flags_of(good) == {}
+    assert set(flags_of(np.zeros((5, 5, 5)))) == {"empty"}
+    gap = good.copy()
+    gap[..., 2] = 0
+    found = flags_of(gap)
+    assert found["gaps"]["slices"] == [2] and "components" in found
+    thin = cylinder((21, 21, 5), 1, axis=2)            # 5 mm² per slice: implausible
+    assert flags_of(thin)["area"]["slices"] == [0, 1, 2, 3, 4]
+    edge = good.copy()
+    edge[0, 10, 1] = 1                                 # touches the x = 0 border
+    assert "edge" in flags_of(edge)
