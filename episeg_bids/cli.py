@@ -67,6 +67,10 @@ def get_parser() -> argparse.ArgumentParser:
                       help="remove objects smaller than N voxels (default unit) or N mm3 (18-connectivity)")
     outputs = parser.add_argument_group("outputs and resources")
     outputs.add_argument("--save-probseg", action="store_true", help="also write the foreground probability map")
+    outputs.add_argument("--ground-truth", type=Path, metavar="DIR",
+                         help="group level: folder of manual masks (e.g. ds005143's derivatives/label, "
+                              "*_desc-spinalcordmask or *_label-SC_mask) matched by entities; adds Dice, HD95 "
+                              "and volume difference per run and per slice")
     outputs.add_argument("--overwrite", action="store_true", help="recompute runs whose outputs are complete")
     outputs.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
                          help="work folder for the pybids database (default: OUTPUT_DIR/../episeg_work); "
@@ -125,6 +129,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
         raise UsageError("--nprocs and --omp-nthreads must be at least 1")
     if args.bids_filter_file is not None and not args.bids_filter_file.is_file():
         raise UsageError(f"--bids-filter-file {args.bids_filter_file} does not exist")
+    if args.ground_truth is not None and not args.ground_truth.is_dir():
+        raise UsageError(f"--ground-truth {args.ground_truth} is not a folder")
     work_dir = (args.work_dir or output_dir.parent / "episeg_work").expanduser().resolve()
     return Options(
         bids_dir=bids_dir,
@@ -146,6 +152,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         fill_holes=args.fill_holes,
         remove_small=parse_size(args.remove_small) if args.remove_small else None,
         save_probseg=args.save_probseg,
+        ground_truth=args.ground_truth.expanduser().resolve() if args.ground_truth else None,
         overwrite=args.overwrite,
         verbose=args.verbose,
     )

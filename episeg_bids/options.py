@@ -35,6 +35,7 @@ class Options:
     fill_holes: bool = False
     remove_small: tuple[float, str] | None = None
     save_probseg: bool = False
+    ground_truth: Path | None = None
     overwrite: bool = False
     verbose: int = 0
 

@@ -304,7 +304,8 @@ def write_crash_file(run: layout.Run, options: Options, error: BaseException) ->
     path = deriv.crash_file_path(options.output_dir, run.subject, run.name, stamp)
     text = "\n".join([
         f"episeg-bids {__version__} crash report, {stamp} UTC",
-        f"input: {run.path}",
+        f"input: {run.relpath}",
+        f"path: {run.path}",
         f"error: {error}",
         "",
         "".join(traceback.format_exception(type(error), error, error.__traceback__)),
