@@ -19,7 +19,7 @@ from .errors import InputImageError
 log = logging.getLogger(__name__)
 
 #: Upper bound of one block of volumes read at a time by :func:`mean_volume`, in bytes.
-BLOCK_BYTES = 64 * 2**20
+BLOCK_BYTES = 16 * 2**20
 
 
 @dataclass

@@ -180,3 +180,27 @@ def test_postprocessing_options_are_applied_and_recorded(example_bids, tmp_path)
                                "remove_small": [20.0, "mm3"], "device": "cpu", "save_probseg": False}
     assert [s.split(" ")[0] for s in meta["PostProcessing"]] == ["threshold", "keep", "fill", "remove"]
     assert meta["Metrics"]["components"] == 1
+
+
+def test_parser_and_options(tmp_path):
+    from episeg_bids.cli import get_parser, options_from_args
+
+    (tmp_path / "bids").mkdir()
+    args = get_parser().parse_args([str(tmp_path / "bids"), str(tmp_path / "out"), "participant",
+                                    "--participant_label", "sub-01", "02", "--session-label", "ses-a",
+                                    "--task-label", "task-rest", "--remove-small", "15mm3", "--largest"])
+    options = options_from_args(args)
+    assert options.participant_labels == ("01", "02") and options.session_labels == ("a",)
+    assert options.task_labels == ("rest",) and options.remove_small == (15.0, "mm3")
+    assert options.work_dir == tmp_path / "episeg_work"
+    assert options.fingerprint({"fold_all": "x"}) != options_from_args(
+        get_parser().parse_args([str(tmp_path / "bids"), str(tmp_path / "out"), "participant"])).fingerprint({"fold_all": "x"})
+
+
+def test_version_and_help():
+    assert run_app("--version").stdout.startswith("episeg-bids ")
+    help_text = run_app("--help").stdout
+    for option in ("--participant-label", "--bids-filter-file", "--model-dir", "--device", "--tta", "--thr",
+                   "--largest", "--fill-holes", "--remove-small", "--save-probseg", "--overwrite", "--nprocs",
+                   "--omp-nthreads", "--skip-bids-validation", "--work-dir", "--ground-truth"):
+        assert option in help_text
