@@ -246,6 +246,9 @@ def write_outputs(run: layout.Run, context: Context, volume: epi.EpiVolume, mask
         }, deriv.RunOutputs.sidecar(outputs.mean))
         sources = ["bids::" + outputs.mean.relative_to(options.output_dir).as_posix(), raw]
     model_info = context.spec.describe()
+    if not options.save_probseg:  # a probability map of an earlier run would no longer match
+        for stale in (outputs.probseg, deriv.RunOutputs.sidecar(outputs.probseg)):
+            stale.unlink(missing_ok=True)
     if probability is not None and options.save_probseg:
         deriv.write_nifti_atomic(probability, volume.affine, outputs.probseg, dtype=np.float32)
         deriv.write_json_atomic({
