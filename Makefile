@@ -19,8 +19,10 @@ demo: setup
 	rm -rf $(DEMO)/out
 	$(PY) run.py tests/data/ds-example $(DEMO)/out participant \
 		--model-dir models/demo -w $(DEMO)/work --save-probseg
+	$(PY) run.py tests/data/ds-example $(DEMO)/out group -w $(DEMO)/work \
+		--ground-truth tests/data/ds-example/derivatives/label
 	@echo
-	@echo "Outputs: $(DEMO)/out  (masks under sub-*/func/, sidecars *.json, crash files sub-*/log/)"
+	@echo "Outputs: $(DEMO)/out  (masks and sidecars under sub-*/func/, group_bold.tsv, group_bold.json)"
 
 test: setup
 	$(PY) -m pytest
