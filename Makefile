@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt $(shell find episeg_bids -type f -not -name '*.pyc')
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints.txt . pytest
+	$(PIP) install --quiet -c constraints.txt . pytest selenium
 	touch $@
 
 demo: setup

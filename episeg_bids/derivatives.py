@@ -22,6 +22,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +225,7 @@ not cover (per-slice tables, logs, QC pages, group tables) are listed in `.bidsi
 """
 
 #: Outputs outside the BIDS specification, for the validator's ``.bidsignore``.
-BIDSIGNORE = ("*_morph.tsv", "*_morph.json", "sub-*/log/", "*.html", "qc/", "group_*", "logs/")
+BIDSIGNORE = ("*_morph.tsv", "*_morph.json", "sub-*/log", "sub-*/figures", "*.html", "qc", "group_*")
 
 
 def write_dataset_files(output_dir: Path, bids_dir: Path, container: dict[str, str] | None) -> None:
@@ -248,3 +249,47 @@ def write_dataset_files(output_dir: Path, bids_dir: Path, container: dict[str, s
 def crash_file_path(output_dir: Path, subject: str, name: str, stamp: str) -> Path:
     """``OUT/sub-<label>/log/crash-<stamp>-<name>.txt``."""
     return output_dir / f"sub-{subject}" / "log" / f"crash-{stamp}-{name}.txt"
+
+
+def loose_entities(name: str) -> dict[str, str]:
+    """Key-value pairs of a file name, also of names without a BIDS suffix (ds005143's
+    ``..._desc-spinalcordmask.nii.gz``).
+
+    Examples
+    --------
+    >>> loose_entities('sub-01_task-rest_desc-spinalcordmask.nii.gz')
+    {'sub': '01', 'task': 'rest', 'desc': 'spinalcordmask'}
+    """
+    stem = re.sub(r"\.nii(\.gz)?$|\.txt$", "", name)
+    return dict(token.split("-", 1) for token in stem.split("_") if "-" in token)
+
+
+def unresolved_crashes(output_dir: Path, done: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Crash files whose input has no mask processed after the crash, newest per input.
+
+    Parameters
+    ----------
+    done : list of dict
+        ``{'input': relpath, 'date_processed': ISO time}`` of every completed run.
+
+    Returns
+    -------
+    list of dict
+        ``{'input', 'error', 'crash_file'}`` (``crash_file`` relative to ``output_dir``).
+    """
+    finished = {row["input"]: row.get("date_processed") or "" for row in done}
+    latest: dict[str, dict[str, str]] = {}
+    for crash in sorted(output_dir.glob("sub-*/log/crash-*.txt")):
+        text = crash.read_text(errors="replace")
+        source = re.search(r"^input: (.*)$", text, re.M)
+        error = re.search(r"^error: (.*)$", text, re.M)
+        stamp = re.match(r"crash-(\d{8}T\d{6})-", crash.name)
+        if not source:
+            continue
+        when = (datetime.strptime(stamp.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc).isoformat()
+                if stamp else "")
+        if finished.get(source.group(1), "") >= when and source.group(1) in finished:
+            continue  # a later run of the same input succeeded
+        latest[source.group(1)] = {"input": source.group(1), "error": error.group(1) if error else "see crash file",
+                                   "crash_file": crash.relative_to(output_dir).as_posix()}
+    return list(latest.values())

@@ -23,8 +23,10 @@ import numpy as np
 
 from . import __version__
 from . import derivatives as deriv
+from . import qc
 from .accuracy import compare
 from .errors import NothingSelected
+from .metrics import OUTLIER_MIN_RUNS, OUTLIER_Z
 from .options import Options
 
 log = logging.getLogger("episeg_bids")
@@ -32,10 +34,6 @@ log = logging.getLogger("episeg_bids")
 MASK_SIDECARS = "sub-*/**/*_space-orig_label-SC_mask.json"
 #: Entities that name a derivative, not the acquisition: ignored when matching ground truth.
 DERIVATIVE_ENTITIES = ("space", "label", "desc", "res", "den")
-#: |robust z| above this marks a group outlier (Iglewicz & Hoaglin 1993, modified z-score).
-OUTLIER_Z = 3.5
-#: Fewer runs than this give no outlier flags: the median absolute deviation is meaningless.
-OUTLIER_MIN_RUNS = 5
 OUTLIER_COLUMNS = {"volume_mm3": "cord volume", "mean_area_mm2": "mean cord area"}
 ENTITY_COLUMNS = (("sub", "participant_id"), ("ses", "session_id"), ("task", "task"), ("acq", "acq"),
                   ("ce", "ce"), ("rec", "rec"), ("dir", "dir"), ("run", "run"), ("echo", "echo"), ("part", "part"))
@@ -88,34 +86,9 @@ def _entity_columns(entities: dict[str, str]) -> dict[str, str | None]:
 
 
 def collect_failures(output_dir: Path, done: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows for crash files whose input has no mask processed after the crash."""
-    finished = {row["input"]: row["date_processed"] or "" for row in done}
-    latest: dict[str, dict[str, Any]] = {}
-    for crash in sorted(output_dir.glob("sub-*/log/crash-*.txt")):
-        text = crash.read_text(errors="replace")
-        source = re.search(r"^input: (.*)$", text, re.M)
-        error = re.search(r"^error: (.*)$", text, re.M)
-        stamp = re.match(r"crash-(\d{8}T\d{6})-", crash.name)
-        if not source:
-            continue
-        name = Path(source.group(1)).name
-        when = datetime.strptime(stamp.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc).isoformat() if stamp else ""
-        relpath = next((p for p in finished if Path(p).name == name), None)
-        if relpath is not None and finished[relpath] >= when:
-            continue  # fixed by a later run
-        latest[name] = {
-            "status": "failed", **_entity_columns(_safe_entities(name)), "input": source.group(1),
-            "error": error.group(1) if error else "see crash file",
-            "crash_file": crash.relative_to(output_dir).as_posix(),
-        }
-    return list(latest.values())
-
-
-def _safe_entities(name: str) -> dict[str, str]:
-    """Key-value pairs of a file name, also of names without a suffix (ds005143's
-    ``..._desc-spinalcordmask.nii.gz``)."""
-    stem = re.sub(r"\.nii(\.gz)?$|\.txt$", "", name)
-    return dict(token.split("-", 1) for token in stem.split("_") if "-" in token)
+    """Rows (status ``failed``) for crash files whose input has no mask processed after the crash."""
+    return [{"status": "failed", **_entity_columns(deriv.loose_entities(Path(crash["input"]).name)), **crash}
+            for crash in deriv.unresolved_crashes(output_dir, done)]
 
 
 def robust_z(values: list[float | None]) -> list[float | None]:
@@ -158,7 +131,7 @@ def find_ground_truth(folder: Path) -> list[tuple[dict[str, str], Path]]:
         name = path.name
         if not re.search(r"(_desc-spinalcordmask|_label-SC_mask|_label-SC_desc-[a-zA-Z0-9]+_mask)\.nii(\.gz)?$", name):
             continue
-        entities = {k: v for k, v in _safe_entities(name).items() if k not in DERIVATIVE_ENTITIES}
+        entities = {k: v for k, v in deriv.loose_entities(name).items() if k not in DERIVATIVE_ENTITIES}
         found.append((entities, path))
     return found
 
@@ -292,11 +265,9 @@ def group(options: Options) -> int:
 
 
 def _write_report(output_dir: Path, rows: list[dict[str, Any]]) -> None:
-    """The dataset QC report with the group columns and outlier flags (when the QC module is present)."""
-    try:
-        from . import qc
-    except ImportError:
-        return
+    """Every subject page and the dataset QC report, with the group columns and outlier flags."""
+    for subject in sorted({r["participant_id"][4:] for r in rows if r["status"] == "done"}):
+        qc.write_subject_page(output_dir, subject)
     extra = {}
     for row in rows:
         if row["status"] != "done":

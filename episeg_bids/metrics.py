@@ -116,6 +116,11 @@ def summary(mask: np.ndarray, affine: np.ndarray, zooms_mm: tuple[float, float, 
 #: slices oblique to the cord), so only clearly implausible slices are flagged.
 PLAUSIBLE_AREA_MM2 = (20.0, 150.0)
 
+#: |modified z| above this marks a group outlier (Iglewicz & Hoaglin 1993, modified z-score).
+OUTLIER_Z = 3.5
+#: Fewer runs than this give no outlier flags: the median absolute deviation is meaningless.
+OUTLIER_MIN_RUNS = 5
+
 FLAG_TEXT = {
     "empty": "the mask is empty: no spinal cord was found",
     "gaps": "slices without cord inside the covered range",

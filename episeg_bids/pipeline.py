@@ -24,7 +24,7 @@ import numpy as np
 
 from . import __version__, CODE_URL
 from . import derivatives as deriv
-from . import epi, layout, metrics, model, postprocess, segment, validate
+from . import epi, layout, metrics, model, postprocess, qc, segment, validate
 from .errors import EpisegError, InputImageError, NothingSelected, ValidationFailed
 from .options import Options
 from .progress import Progress
@@ -268,6 +268,12 @@ def write_outputs(run: layout.Run, context: Context, volume: epi.EpiVolume, mask
         "centroid_y_mm": {"Description": "Centroid, scanner RAS+ y", "Units": "mm"},
         "centroid_z_mm": {"Description": "Centroid, scanner RAS+ z", "Units": "mm"},
     }, deriv.RunOutputs.sidecar(outputs.morph))
+    try:
+        figures = qc.write_run_figures(options.output_dir, outputs.mask, volume.data, mask, volume.affine,
+                                       volume.zooms_mm, rows, flags=flags)
+    except Exception as err:  # a figure must never cost the mask; the report rebuilds missing ones
+        log.warning("%s: QC figures not written (%s: %s)", run.name, type(err).__name__, err)
+        figures = None
     deriv.write_nifti_atomic(mask, volume.affine, outputs.mask, dtype=np.uint8)
     deriv.write_json_atomic({
         **common,
@@ -294,6 +300,7 @@ def write_outputs(run: layout.Run, context: Context, volume: epi.EpiVolume, mask
         },
         "Metrics": summary,
         "Flags": flags,
+        "Figures": figures,
         "Notes": volume.notes,
         "RunTimeSeconds": {k: round(v, 3) for k, v in timings.items()},
         "Fingerprint": context.fingerprint,
@@ -367,5 +374,17 @@ def participant(options: Options) -> Summary:
             continue
         summary.results.append(RunResult(run, "done", time.monotonic() - started))
         progress.step(run.name, "done")
+    write_qc_pages(options.output_dir, sorted({r.run.subject for r in summary.results}))
     summary.seconds = time.monotonic() - clock
     return summary
+
+
+def write_qc_pages(output_dir: Path, subjects: list[str]) -> None:
+    """The subject pages of this job and the dataset report, rebuilt from every result on disk;
+    a failure is logged, never fatal."""
+    try:
+        for subject in subjects:
+            qc.write_subject_page(output_dir, subject)
+        log.info("QC report: %s", qc.write_dataset_report(output_dir))
+    except Exception as err:  # the masks are written; a report problem must not fail the run
+        log.warning("QC pages not written (%s: %s)", type(err).__name__, err)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -122,7 +121,7 @@ def test_bad_inputs_fail_alone(example_bids, tmp_path):
     assert len(crash) == 1 and "Traceback" in crash[0].read_text() and "options:" in crash[0].read_text()
     assert list((out / "sub-bad02" / "log").glob("crash-*.txt"))
     # nothing half-written: no temporary files, no mask for the bad runs
-    assert not [p for p in out.rglob(".*") if p.is_file() and p.name != ".bidsignore"]
+    assert not [p for p in out.rglob(".*") if p.is_file() and p.name not in (".bidsignore", ".lock")]
     assert not list((out / "sub-bad01").rglob("*.nii.gz"))
 
 
