@@ -65,6 +65,7 @@ def _load(out_dir: Path) -> dict:
 
 def _save(out_dir: Path, card: dict) -> None:
     card["warning"] = WARNING
+    card["demo"] = True  # episeg_bids.model reads this: sidecars then say the masks are a demo model's
     card["name"] = "episeg-bids demo spinal-cord model"
     card["layout"] = "nnUNetTrainer__nnUNetPlans__3d_fullres/{dataset.json,plans.json,fold_all/checkpoint_final.pth}"
     (out_dir / CARD_NAME).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
@@ -141,7 +142,9 @@ def render_readme(card: dict) -> str:
         "  rotation limited to +-30 degrees, mirroring on S-I and L-R only; CPU, "
         f"{s.get('threads')} threads.",
         f"- Time: data {sec.get('data', 0):.0f} s, planning+preprocessing {sec.get('plan_preprocess', 0):.0f} s,",
-        f"  training {sec.get('train', 0):.0f} s, total {sec.get('total', 0):.0f} s.",
+        f"  training {sec.get('train', 0):.0f} s, total {sec.get('total', 0):.0f} s (wall clock on a 2-core",
+        "  machine; longer when other jobs share the cores). Training is deterministic: a rerun with the",
+        "  same seed gives a byte-identical checkpoint and zip.",
     ]
     if ev:
         syn, real, cpu = ev["synthetic_heldout"], ev["real_heldout"], ev["cpu_inference"]
