@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DEMO := build/demo
 
-.PHONY: setup demo test model clean
+.PHONY: setup demo test model clean image sif slurm-up slurm-down
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' episeg_bids/__init__.py)
 
 setup: $(VENV)/.installed
 
@@ -32,3 +33,15 @@ model: setup
 
 clean:
 	rm -rf build
+
+image:
+	docker build -t episeg-bids:$(VERSION) .
+
+sif:
+	apptainer build episeg-bids_$(VERSION).sif Singularity.def
+
+slurm-up:
+	scripts/ci/start_slurm.sh
+
+slurm-down:
+	scripts/ci/stop_slurm.sh

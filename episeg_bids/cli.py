@@ -73,8 +73,8 @@ def get_parser() -> argparse.ArgumentParser:
                               "and volume difference per run and per slice")
     outputs.add_argument("--overwrite", action="store_true", help="recompute runs whose outputs are complete")
     outputs.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
-                         help="work folder for the pybids database (default: OUTPUT_DIR/../episeg_work); "
-                              "keep it on local disk")
+                         help="work folder for the pybids database (default: $EPISEG_WORK_DIR, else "
+                              "OUTPUT_DIR/../episeg_work); keep it on local disk")
     outputs.add_argument("--nprocs", type=int, default=1, metavar="N",
                          help="worker processes nnUNet may start for preprocessing (default: 1)")
     outputs.add_argument("--omp-nthreads", type=int, metavar="N",
@@ -131,7 +131,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
         raise UsageError(f"--bids-filter-file {args.bids_filter_file} does not exist")
     if args.ground_truth is not None and not args.ground_truth.is_dir():
         raise UsageError(f"--ground-truth {args.ground_truth} is not a folder")
-    work_dir = (args.work_dir or output_dir.parent / "episeg_work").expanduser().resolve()
+    default_work = os.environ.get("EPISEG_WORK_DIR") or output_dir.parent / "episeg_work"
+    work_dir = Path(args.work_dir or default_work).expanduser().resolve()
     return Options(
         bids_dir=bids_dir,
         output_dir=output_dir,

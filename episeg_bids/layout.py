@@ -99,7 +99,8 @@ def load_filters(path: Path | None) -> dict[str, dict[str, Any]]:
     Raises
     ------
     UsageError
-        If the file is not JSON, not an object of objects, or names an unknown query.
+        If the file is not JSON or not an object of objects. Queries other than ``bold`` and
+        ``mean`` (a filter file shared with fMRIPrep or BABS) are ignored with a warning.
     """
     filters = default_filters()
     if path is None:
@@ -111,13 +112,11 @@ def load_filters(path: Path | None) -> dict[str, dict[str, Any]]:
     if not isinstance(user, dict) or not all(isinstance(v, dict) for v in user.values()):
         raise UsageError(f"--bids-filter-file {path}: expected {{\"bold\": {{...}}, \"mean\": {{...}}}}")
     unknown = sorted(set(user) - set(QUERY_NAMES))
-    if unknown:
-        raise UsageError(
-            f"--bids-filter-file {path}: unknown query {', '.join(map(repr, unknown))}; "
-            f"the queries are {', '.join(map(repr, QUERY_NAMES))}"
-        )
-    for name, entities in user.items():
-        filters[name].update(entities)
+    if unknown:  # shared filter files (BABS, fMRIPrep) also hold anat/fmap queries: ignore them
+        log.warning("--bids-filter-file %s: ignoring queries %s (episeg-bids uses %s)", path,
+                    ", ".join(map(repr, unknown)), ", ".join(map(repr, QUERY_NAMES)))
+    for name in QUERY_NAMES:
+        filters[name].update(user.get(name, {}))
     return filters
 
 

@@ -181,9 +181,10 @@ def test_postprocessing_options_are_applied_and_recorded(example_bids, tmp_path)
     assert meta["Metrics"]["components"] == 1
 
 
-def test_parser_and_options(tmp_path):
+def test_parser_and_options(tmp_path, monkeypatch):
     from episeg_bids.cli import get_parser, options_from_args
 
+    monkeypatch.delenv("EPISEG_WORK_DIR", raising=False)
     (tmp_path / "bids").mkdir()
     args = get_parser().parse_args([str(tmp_path / "bids"), str(tmp_path / "out"), "participant",
                                     "--participant_label", "sub-01", "02", "--session-label", "ses-a",
@@ -203,3 +204,13 @@ def test_version_and_help():
                    "--largest", "--fill-holes", "--remove-small", "--save-probseg", "--overwrite", "--nprocs",
                    "--omp-nthreads", "--skip-bids-validation", "--work-dir", "--ground-truth"):
         assert option in help_text
+
+
+def test_work_dir_from_environment_and_option(tmp_path, monkeypatch):
+    from episeg_bids.cli import get_parser, options_from_args
+
+    (tmp_path / "bids").mkdir()
+    monkeypatch.setenv("EPISEG_WORK_DIR", str(tmp_path / "scratch"))
+    base = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant"]
+    assert options_from_args(get_parser().parse_args(base)).work_dir == tmp_path / "scratch"
+    assert options_from_args(get_parser().parse_args(base + ["-w", str(tmp_path / "w")])).work_dir == tmp_path / "w"
