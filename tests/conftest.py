@@ -1,6 +1,6 @@
 """Shared fixtures: the example BIDS dataset of real EPI and the project's demo model.
 
-Tests never read ../shared: the real images live in tests/data (see tests/data/README.md).
+Tests read no data outside the repository: the real images live in tests/data (see tests/data/README.md).
 """
 
 from __future__ import annotations
