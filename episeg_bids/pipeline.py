@@ -213,81 +213,76 @@ def process_run(run: layout.Run, context: Context) -> None:
     flags = metrics.quality_flags(mask, volume.affine, rows, summary)
     for item in flags:
         log.warning("%s: %s", run.name, item["message"])
-    write_outputs(run, context, volume, mask, seg.foreground_probability, steps, summary, rows, timings, flags)
+    write_outputs(run, context, Segmented(volume, mask, seg.foreground_probability, steps, summary, rows,
+                                          flags, timings))
 
 
-def write_outputs(run: layout.Run, context: Context, volume: epi.EpiVolume, mask: np.ndarray,
-                  probability: np.ndarray | None, steps: list[str], summary: dict[str, Any],
-                  rows: list[dict[str, Any]], timings: dict[str, float], flags: list[dict[str, Any]]) -> None:
-    """Write mean, probseg, per-slice TSV, then the mask and its sidecar (last: the marker
-    of a complete run)."""
-    options = context.options
-    outputs = deriv.run_outputs(options.output_dir, run.relpath)
-    raw = deriv.bids_uri(run.relpath)
-    sources = [raw]
-    common = {
+@dataclass
+class Segmented:
+    """What :func:`process_run` computed for one input, ready to be written."""
+
+    volume: epi.EpiVolume
+    mask: np.ndarray
+    probability: np.ndarray | None
+    steps: list[str]
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+    flags: list[dict[str, Any]]
+    timings: dict[str, float]
+
+
+def provenance(context: Context) -> dict[str, Any]:
+    """Keys every sidecar of a run shares: who made it, with which software versions."""
+    return {
         "GeneratedBy": [{"Name": "episeg-bids", "Version": __version__, "CodeURL": CODE_URL}],
         "PipelineVersions": context.versions,
     }
-    if volume.is_mean_of_run:
-        tr = run.metadata.get("RepetitionTime") or volume.repetition_time_s or 1.0
-        deriv.write_nifti_atomic(volume.data[..., None], volume.affine, outputs.mean, dtype=np.float32,
-                                 zooms=(*volume.zooms_mm, float(tr)))
-        deriv.write_json_atomic({
-            **common,
-            "Description": f"Temporal mean of {volume.n_volumes} volumes (NaN/Inf samples excluded), "
-                           "stored as one volume (X, Y, Z, 1)",
-            "Sources": [raw],
-            "TaskName": run.metadata.get("TaskName", run.entities.get("task", "")),
-            "RepetitionTime": float(tr),
-            "SkullStripped": False,
-            "VolumesAveraged": volume.n_volumes,
-            "NonFiniteValues": volume.nonfinite,
-        }, deriv.RunOutputs.sidecar(outputs.mean))
-        sources = ["bids::" + outputs.mean.relative_to(options.output_dir).as_posix(), raw]
-    model_info = context.spec.describe()
-    if not options.save_probseg:  # a probability map of an earlier run would no longer match
-        for stale in (outputs.probseg, deriv.RunOutputs.sidecar(outputs.probseg)):
-            stale.unlink(missing_ok=True)
-    if probability is not None and options.save_probseg:
-        deriv.write_nifti_atomic(probability, volume.affine, outputs.probseg, dtype=np.float32)
-        deriv.write_json_atomic({
-            **common,
-            "Description": "Spinal-cord probability (1 - softmax of the background class), 0-1, "
-                           "before post-processing",
-            "Sources": sources, "SpatialReference": raw, "Label": "SC", "Model": model_info,
-        }, deriv.RunOutputs.sidecar(outputs.probseg))
-    deriv.write_tsv_atomic(rows, outputs.morph)
-    deriv.write_json_atomic({
+
+
+def mean_sidecar(run: layout.Run, volume: epi.EpiVolume, tr_s: float) -> dict[str, Any]:
+    """Sidecar of the temporal mean (a ``_bold`` file: TaskName and RepetitionTime required)."""
+    return {
+        "Description": f"Temporal mean of {volume.n_volumes} volumes (NaN/Inf samples excluded), "
+                       "stored as one volume (X, Y, Z, 1)",
+        "Sources": [deriv.bids_uri(run.relpath)],
+        "TaskName": run.metadata.get("TaskName", run.entities.get("task", "")),
+        "RepetitionTime": tr_s,
+        "SkullStripped": False,
+        "VolumesAveraged": volume.n_volumes,
+        "NonFiniteValues": volume.nonfinite,
+    }
+
+
+def morph_sidecar(mask_uri: str, axis: int) -> dict[str, Any]:
+    """Column descriptions of the per-slice table."""
+    return {
         "Description": "Per-slice spinal-cord metrics of the mask",
-        "Sources": ["bids::" + outputs.mask.relative_to(options.output_dir).as_posix()],
-        "slice": {"Description": f"Voxel index along axis {summary['slice_axis']} (closest to superior-inferior)"},
+        "Sources": [mask_uri],
+        "slice": {"Description": f"Voxel index along axis {axis} (closest to superior-inferior)"},
         "voxels": {"Description": "Mask voxels in the slice"},
         "area_mm2": {"Description": "Cord cross-sectional area in the slice plane", "Units": "mm^2"},
         "centroid_x_mm": {"Description": "Centroid, scanner RAS+ x", "Units": "mm"},
         "centroid_y_mm": {"Description": "Centroid, scanner RAS+ y", "Units": "mm"},
         "centroid_z_mm": {"Description": "Centroid, scanner RAS+ z", "Units": "mm"},
-    }, deriv.RunOutputs.sidecar(outputs.morph))
-    try:
-        figures = qc.write_run_figures(options.output_dir, outputs.mask, volume.data, mask, volume.affine,
-                                       volume.zooms_mm, rows, flags=flags)
-    except Exception as err:  # a figure must never cost the mask; the report rebuilds missing ones
-        log.warning("%s: QC figures not written (%s: %s)", run.name, type(err).__name__, err)
-        figures = None
-    deriv.write_nifti_atomic(mask, volume.affine, outputs.mask, dtype=np.uint8)
-    deriv.write_json_atomic({
-        **common,
-        "Description": "Spinal-cord mask by the EPISeg nnUNetv2 model, run as sct_deepseg sc_epi"
-                       + (" (DEMO model: not the published EPISeg weights)" if context.spec.is_demo else ""),
+    }
+
+
+def mask_sidecar(run: layout.Run, context: Context, result: Segmented, sources: list[str],
+                 figures: dict[str, str] | None) -> dict[str, Any]:
+    """Sidecar of the mask: inputs, model, options, versions, metrics, flags, timing."""
+    volume, options = result.volume, context.options
+    demo = " (DEMO model: not the published EPISeg weights)" if context.spec.is_demo else ""
+    return {
+        "Description": "Spinal-cord mask by the EPISeg nnUNetv2 model, run as sct_deepseg sc_epi" + demo,
         "Type": "ROI",
         "Label": "SC",
         "Manual": False,
         "Sources": sources,
-        "SpatialReference": raw,
-        "Model": model_info,
+        "SpatialReference": deriv.bids_uri(run.relpath),
+        "Model": context.spec.describe(),
         "Options": {**options.segmentation_options(), "device": context.device,
                     "save_probseg": options.save_probseg},
-        "PostProcessing": steps,
+        "PostProcessing": result.steps,
         "Input": {
             "Path": run.relpath,
             "SHA256": model.sha256_file(run.path),
@@ -298,14 +293,56 @@ def write_outputs(run: layout.Run, context: Context, volume: epi.EpiVolume, mask
             "VolumesAveraged": volume.n_volumes,
             "NonFiniteValues": volume.nonfinite,
         },
-        "Metrics": summary,
-        "Flags": flags,
+        "Metrics": result.summary,
+        "Flags": result.flags,
         "Figures": figures,
         "Notes": volume.notes,
-        "RunTimeSeconds": {k: round(v, 3) for k, v in timings.items()},
+        "RunTimeSeconds": {k: round(v, 3) for k, v in result.timings.items()},
         "Fingerprint": context.fingerprint,
         "DateProcessed": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }, deriv.RunOutputs.sidecar(outputs.mask))
+    }
+
+
+def write_outputs(run: layout.Run, context: Context, result: Segmented) -> None:
+    """Write mean, probseg, per-slice table and figures, then the mask and its sidecar (last:
+    the sidecar marks a complete run)."""
+    options, volume = context.options, result.volume
+    outputs = deriv.run_outputs(options.output_dir, run.relpath)
+    sources = [deriv.bids_uri(run.relpath)]
+    if volume.is_mean_of_run:
+        tr_s = run.metadata.get("RepetitionTime") or volume.repetition_time_s
+        if not tr_s:
+            volume.notes.append("RepetitionTime unknown (no sidecar value, none in the header): 1 s written")
+        tr_s = float(tr_s or 1.0)
+        deriv.write_nifti_atomic(volume.data[..., None], volume.affine, outputs.mean, dtype=np.float32,
+                                 zooms=(*volume.zooms_mm, tr_s))
+        deriv.write_json_atomic({**provenance(context), **mean_sidecar(run, volume, tr_s)},
+                                deriv.RunOutputs.sidecar(outputs.mean))
+        sources = ["bids::" + outputs.mean.relative_to(options.output_dir).as_posix(), *sources]
+    if not options.save_probseg:  # a probability map of an earlier run would no longer match
+        for stale in (outputs.probseg, deriv.RunOutputs.sidecar(outputs.probseg)):
+            stale.unlink(missing_ok=True)
+    elif result.probability is not None:
+        deriv.write_nifti_atomic(result.probability, volume.affine, outputs.probseg, dtype=np.float32)
+        deriv.write_json_atomic({
+            **provenance(context),
+            "Description": "Spinal-cord probability (1 - softmax of the background class), 0-1, "
+                           "before post-processing",
+            "Sources": sources, "SpatialReference": deriv.bids_uri(run.relpath), "Label": "SC",
+            "Model": context.spec.describe(),
+        }, deriv.RunOutputs.sidecar(outputs.probseg))
+    mask_uri = "bids::" + outputs.mask.relative_to(options.output_dir).as_posix()
+    deriv.write_tsv_atomic(result.rows, outputs.morph)
+    deriv.write_json_atomic(morph_sidecar(mask_uri, result.summary["slice_axis"]), deriv.RunOutputs.sidecar(outputs.morph))
+    try:
+        figures = qc.write_run_figures(options.output_dir, outputs.mask, volume.data, result.mask, volume.affine,
+                                       volume.zooms_mm, result.rows, flags=result.flags)
+    except Exception as err:  # a figure must never cost the mask; the report rebuilds missing ones
+        log.warning("%s: QC figures not written (%s: %s)", run.name, type(err).__name__, err)
+        figures = None
+    deriv.write_nifti_atomic(result.mask, volume.affine, outputs.mask, dtype=np.uint8)
+    deriv.write_json_atomic({**provenance(context), **mask_sidecar(run, context, result, sources, figures)},
+                            deriv.RunOutputs.sidecar(outputs.mask))
 
 
 def write_crash_file(run: layout.Run, options: Options, error: BaseException) -> Path | None:
