@@ -137,18 +137,34 @@ def to_pybids(query: dict[str, Any]) -> dict[str, Any]:
     return {key: convert(value) for key, value in query.items()}
 
 
-def _dataset_fingerprint(bids_dir: Path) -> str:
-    """Hash of the root path and of the names and mtimes of its func folders (cheap to compute
-    on large datasets, changes when files are added or removed)."""
-    digest = hashlib.sha256(str(bids_dir.resolve()).encode())
-    for folder in sorted([*bids_dir.glob("sub-*/func"), *bids_dir.glob("sub-*/ses-*/func")]):
+def _dataset_fingerprint(bids_dir: Path, subjects: list[str] | None) -> str:
+    """Hash of the root path, the subject selection and the names and mtimes of the func folders
+    indexed (cheap to compute on large datasets, changes when files are added or removed)."""
+    digest = hashlib.sha256(f"{bids_dir.resolve()}|{sorted(subjects) if subjects else '*'}".encode())
+    prefixes = [f"sub-{label}" for label in subjects] if subjects else ["sub-*"]
+    folders = [f for prefix in prefixes for pattern in ("func", "ses-*/func") for f in bids_dir.glob(f"{prefix}/{pattern}")]
+    for folder in sorted(folders):
         digest.update(f"{folder.relative_to(bids_dir)}:{folder.stat().st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
 
 
-def build_layout(bids_dir: Path, work_dir: Path):
+def other_subjects(bids_dir: Path, subjects: list[str] | None) -> list[str]:
+    """Top-level ``sub-*`` folders that are not selected (the indexer skips them)."""
+    if not subjects:
+        return []
+    wanted = {f"sub-{label}" for label in subjects}
+    return sorted(p.name for p in bids_dir.glob("sub-*") if p.is_dir() and p.name not in wanted)
+
+
+def build_layout(bids_dir: Path, work_dir: Path, subjects: list[str] | None = None):
     """Index ``bids_dir`` (no validation, non-func data ignored), reusing the database in
     ``work_dir`` when the dataset has not changed.
+
+    Parameters
+    ----------
+    subjects : list of str, optional
+        Participant labels (no prefix): only their folders are indexed, so one job per
+        participant on a large dataset (a SLURM array task) does not index every subject.
 
     Raises
     ------
@@ -157,7 +173,7 @@ def build_layout(bids_dir: Path, work_dir: Path):
     """
     from bids import BIDSLayout, BIDSLayoutIndexer
 
-    database = work_dir / "pybids_db" / _dataset_fingerprint(bids_dir)
+    database = work_dir / "pybids_db" / _dataset_fingerprint(bids_dir, subjects)
     reuse = database.is_dir()
     try:
         layout = BIDSLayout(
@@ -165,7 +181,7 @@ def build_layout(bids_dir: Path, work_dir: Path):
             validate=False,
             database_path=database,
             reset_database=not reuse,
-            indexer=BIDSLayoutIndexer(validate=False, ignore=IGNORE),
+            indexer=BIDSLayoutIndexer(validate=False, ignore=IGNORE + other_subjects(bids_dir, subjects)),
         )
     except Exception as err:  # pybids raises ValueError, BIDSValidationError, sqlite errors
         raise EpisegError(f"{bids_dir}: pybids cannot index this dataset ({err})") from err

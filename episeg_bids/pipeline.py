@@ -128,8 +128,8 @@ def select_runs(options: Options) -> list[layout.Run]:
         When nothing is selected (exit code 18).
     """
     filters = layout.load_filters(options.bids_filter_file)
-    bids_layout = layout.build_layout(options.bids_dir, options.work_dir)
     subjects = list(options.participant_labels) if options.participant_labels else None
+    bids_layout = layout.build_layout(options.bids_dir, options.work_dir, subjects)
     missing = layout.missing_subjects(bids_layout, subjects)
     for label in missing:
         log.warning("participant %s is not in %s", label, options.bids_dir)

@@ -89,3 +89,12 @@ def test_other_queries_of_a_shared_filter_file_are_ignored(tmp_path, caplog):
     filters = layout.load_filters(path)
     assert set(filters) == {"bold", "mean"} and filters["bold"]["session"] == "01"
     assert "ignoring queries 'fmap', 't1w'" in caplog.text
+
+
+def test_only_selected_participants_are_indexed(tmp_path):
+    selected = layout.build_layout(EXAMPLE, tmp_path / "work", ["errsm30"])
+    assert selected.get_subjects() == ["errsm30"]
+    assert layout.missing_subjects(selected, ["errsm30", "nobody"]) == ["nobody"]
+    everyone = layout.build_layout(EXAMPLE, tmp_path / "work")
+    assert sorted(everyone.get_subjects()) == ["brain01", "errsm30", "leipzigR01"]
+    assert len(list((tmp_path / "work" / "pybids_db").iterdir())) == 2   # one database per selection
