@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import EpisegError, OutputError, UsageError
+from .layout import strip_prefix
 from .options import Options
 
 log = logging.getLogger("episeg_bids")
@@ -102,9 +103,8 @@ def get_install_parser() -> argparse.ArgumentParser:
 
 
 def _labels(values: list[str] | None, prefix: str) -> tuple[str, ...] | None:
-    if not values:
-        return None
-    return tuple(v[len(prefix):] if v.startswith(prefix) else v for v in values)
+    labels = strip_prefix(values, prefix)
+    return tuple(labels) if labels else None
 
 
 def options_from_args(args: argparse.Namespace) -> Options:

@@ -251,6 +251,17 @@ def crash_file_path(output_dir: Path, subject: str, name: str, stamp: str) -> Pa
     return output_dir / f"sub-{subject}" / "log" / f"crash-{stamp}-{name}.txt"
 
 
+def mask_sidecars(output_dir: Path, subject: str | None = None) -> list[Path]:
+    """Sidecars of every mask under ``output_dir`` (or of one subject, label without ``sub-``),
+    sorted: what the group level and the QC pages read."""
+    return sorted(output_dir.glob(f"sub-{subject or '*'}/**/*_space-orig_label-SC_mask.json"))
+
+
+def mask_of_sidecar(sidecar: Path) -> Path:
+    """The ``.nii.gz`` mask that a mask sidecar describes."""
+    return sidecar.with_name(sidecar.name[: -len(".json")] + ".nii.gz")
+
+
 def loose_entities(name: str) -> dict[str, str]:
     """Key-value pairs of a file name, also of names without a BIDS suffix (ds005143's
     ``..._desc-spinalcordmask.nii.gz``).

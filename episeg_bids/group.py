@@ -31,7 +31,6 @@ from .options import Options
 
 log = logging.getLogger("episeg_bids")
 
-MASK_SIDECARS = "sub-*/**/*_space-orig_label-SC_mask.json"
 #: Entities that name a derivative, not the acquisition: ignored when matching ground truth.
 DERIVATIVE_ENTITIES = ("space", "label", "desc", "res", "den")
 OUTLIER_COLUMNS = {"volume_mm3": "cord volume", "mean_area_mm2": "mean cord area"}
@@ -47,7 +46,7 @@ def source_entities(input_path: str) -> dict[str, str]:
 def collect_runs(output_dir: Path) -> list[dict[str, Any]]:
     """One plain row per mask sidecar under ``output_dir`` (status ``done``)."""
     rows = []
-    for path in sorted(output_dir.glob(MASK_SIDECARS)):
+    for path in deriv.mask_sidecars(output_dir):
         try:
             meta = json.loads(path.read_text())
         except (OSError, ValueError) as err:
@@ -56,7 +55,7 @@ def collect_runs(output_dir: Path) -> list[dict[str, Any]]:
         metrics = meta.get("Metrics", {})
         inputs = meta.get("Input", {})
         model = meta.get("Model", {})
-        mask = path.with_name(path.name[: -len(".json")] + ".nii.gz")
+        mask = deriv.mask_of_sidecar(path)
         rows.append({
             "status": "done",
             **_entity_columns(source_entities(inputs.get("Path", mask.name))),

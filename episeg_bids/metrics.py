@@ -81,8 +81,11 @@ def per_slice(mask: np.ndarray, affine: np.ndarray, zooms_mm: tuple[float, float
     return rows
 
 
-def summary(mask: np.ndarray, affine: np.ndarray, zooms_mm: tuple[float, float, float]) -> dict[str, Any]:
+def summary(mask: np.ndarray, affine: np.ndarray, zooms_mm: tuple[float, float, float],
+            rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Whole-mask metrics for the sidecar and the group table.
+
+    ``rows`` are the :func:`per_slice` rows of the same mask when the caller already has them.
 
     Returns
     -------
@@ -91,7 +94,7 @@ def summary(mask: np.ndarray, affine: np.ndarray, zooms_mm: tuple[float, float, 
         ``first_slice``/``last_slice`` with cord (None when empty), ``mean_area_mm2`` over the
         slices with cord, ``components`` (6-connectivity).
     """
-    rows = per_slice(mask, affine, zooms_mm)
+    rows = per_slice(mask, affine, zooms_mm) if rows is None else rows
     covered = [r["slice"] for r in rows if r["voxels"]]
     voxels = int(sum(r["voxels"] for r in rows))
     areas = [r["area_mm2"] for r in rows if r["voxels"]]

@@ -208,8 +208,8 @@ def process_run(run: layout.Run, context: Context) -> None:
         holes=options.fill_holes, remove_small=options.remove_small, zooms_mm=volume.zooms_mm)
     timings["segment_s"] = time.monotonic() - started
 
-    summary = metrics.summary(mask, volume.affine, volume.zooms_mm)
     rows = metrics.per_slice(mask, volume.affine, volume.zooms_mm)
+    summary = metrics.summary(mask, volume.affine, volume.zooms_mm, rows)
     flags = metrics.quality_flags(mask, volume.affine, rows, summary)
     for item in flags:
         log.warning("%s: %s", run.name, item["message"])

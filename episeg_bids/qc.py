@@ -49,7 +49,6 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger("episeg_bids")
 
 FIGURES = ("mosaic", "sagittal", "area")
-MASK_SIDECARS = "sub-*/**/*_space-orig_label-SC_mask.json"
 MASK_END = "_mask.nii.gz"
 #: Meaning and threshold of each automatic flag (codes from :func:`metrics.quality_flags`).
 FLAG_LEGEND = {
@@ -200,12 +199,6 @@ def rebuild_figures(output_dir: Path, sidecar: Path) -> dict[str, str] | None:
                              flags=meta.get("Flags"))
 
 
-def _entities(name: str) -> dict[str, str]:
-    """Key-value pairs of a file name, tolerant of names that are not valid BIDS."""
-    stem = re.sub(r"\.nii(\.gz)?$", "", name)
-    return dict(token.split("-", 1) for token in stem.split("_") if "-" in token)
-
-
 def _text(value: Any) -> str:
     if value is None:
         return "n/a"
@@ -240,14 +233,13 @@ def collect_runs(output_dir: Path, subject: str | None = None, *, rebuild: bool 
 
     Missing figures are rebuilt from the files on disk when ``rebuild`` (and possible).
     """
-    pattern = MASK_SIDECARS if subject is None else f"sub-{subject}/**/*_space-orig_label-SC_mask.json"
     runs = []
-    for sidecar in sorted(output_dir.glob(pattern)):
+    for sidecar in deriv.mask_sidecars(output_dir, subject):
         meta = _read_json(sidecar)
         if meta is None:
             continue
         rel = sidecar.relative_to(output_dir)
-        mask_rel = rel.with_name(rel.name[: -len(".json")] + ".nii.gz").as_posix()
+        mask_rel = deriv.mask_of_sidecar(rel).as_posix()
         paths = figure_paths(output_dir, output_dir / mask_rel)
         figures = {k: p.relative_to(output_dir).as_posix() for k, p in paths.items()}
         missing = ""
@@ -270,7 +262,7 @@ def _run_entry(output_dir: Path, meta: dict[str, Any], mask_rel: str, subject_di
     model = meta.get("Model") if isinstance(meta.get("Model"), dict) else {}
     m = meta.get("Metrics") if isinstance(meta.get("Metrics"), dict) else {}
     name = Path(mask_rel).name
-    entities = _entities(Path(str(inputs.get("Path") or name)).name)
+    entities = deriv.loose_entities(Path(str(inputs.get("Path") or name)).name)
     mean_meta = {}
     for source in meta.get("Sources", []):
         if isinstance(source, str) and source.startswith("bids::"):
