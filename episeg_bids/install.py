@@ -12,6 +12,11 @@ A failure at any step leaves ``$EPISEG_HOME/models`` as it was::
         nnUNetTrainer__nnUNetPlans__3d_fullres/
             dataset.json  plans.json  fold_all/checkpoint_final.pth
 
+A zip with the EPISeg release's file name (``model-fmri-segmentation-v0.2_nnUNetTrainer.zip``),
+wherever it comes from (the release, a mirror, a local copy), goes to ``episeg-v0.2``, where the app
+looks by default (:func:`episeg_bids.model.default_model_dir`); any other archive goes to a folder
+named after it, and the last message gives the exact ``--model-dir`` to pass.
+
 The EPISeg release zip once shipped without its trainer folder (REFERENCE §1, "packaging
 fragility"); :func:`episeg_bids.model.find_trainer_folder` accepts both layouts.
 """
@@ -23,6 +28,7 @@ import http.client
 import json
 import os
 import re
+import shlex
 import stat
 import tempfile
 import urllib.error
@@ -38,7 +44,11 @@ from . import __version__
 from .errors import InstallError, ModelError
 from .model import (
     EPISEG_NAME, EPISEG_URL, default_home, find_checkpoint_name, find_folds, find_trainer_folder,
+    resolve_model_dir,
 )
+
+#: File name of the EPISeg release zip; an archive with this name is installed as EPISeg.
+EPISEG_ARCHIVE = EPISEG_URL.rsplit("/", 1)[-1]
 
 #: Seconds to wait for the server to connect or to send the next bytes.
 TIMEOUT_S = 60.0
@@ -76,12 +86,14 @@ def install_model(
     home : Path, optional
         Cache folder; default :func:`episeg_bids.model.default_home` (``$EPISEG_HOME``, ...).
     name : str, optional
-        Folder name under ``home/models``. Default ``episeg-v0.2`` for the EPISeg URL, else the
-        zip's file name without ``.zip``.
+        Folder name under ``home/models``. Default ``episeg-v0.2`` for an archive named as the
+        EPISeg release (:data:`EPISEG_ARCHIVE`), from any URL or path; else the zip's file name
+        without ``.zip``.
     force : bool
         Download and replace the folder even if it already holds a model.
     log : callable
-        Receives one-line progress messages.
+        Receives one-line progress messages; the last one says whether episeg-bids uses the
+        model by default or gives the exact ``--model-dir`` (or ``EPISEG_MODEL_DIR``) to pass.
 
     Returns
     -------
@@ -102,9 +114,10 @@ def install_model(
     archive_name = _archive_name(url)
     label = f"{archive_name} from {url}"
     models = Path(home or default_home()) / "models"
-    default_name = EPISEG_NAME if url == EPISEG_URL else _derive_name(archive_name, url)
+    default_name = EPISEG_NAME if archive_name == EPISEG_ARCHIVE else _derive_name(archive_name, url)
     dest = models / _check_name(name or default_name)
     if _can_reuse(dest, expected, force, log):
+        log(how_to_use(dest))
         return dest
     _make_dir(models)
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.install-", dir=models) as work:
@@ -130,7 +143,24 @@ def install_model(
         })
         _move_into_place(staging, dest, Path(work) / "previous")
     log(f"installed {dest}")
+    log(how_to_use(dest))
     return dest
+
+
+def how_to_use(dest: Path) -> str:
+    """One line: episeg-bids finds `dest` by default, or the exact option to pass.
+
+    Compares `dest` with where the app looks without ``--model-dir``
+    (:func:`episeg_bids.model.resolve_model_dir`: ``$EPISEG_MODEL_DIR``, else the default install
+    folder of the EPISeg weights).
+    """
+    looks_in = resolve_model_dir(None)
+    if Path(dest).resolve() == looks_in.resolve():
+        return f"episeg-bids uses {dest} by default: no --model-dir needed"
+    where = (f"EPISEG_MODEL_DIR is set to {looks_in}" if os.environ.get("EPISEG_MODEL_DIR")
+             else f"episeg-bids looks in {looks_in} by default")
+    path = shlex.quote(str(dest))
+    return f"{where}; to use this model pass --model-dir {path} (or set EPISEG_MODEL_DIR={path})"
 
 
 def _can_reuse(dest: Path, expected: str | None, force: bool, log: Callable[[str], Any]) -> bool:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
+import shutil
 import socket
 import stat
 import subprocess
@@ -23,9 +25,9 @@ from pathlib import Path
 import pytest
 
 from episeg_bids import __version__, install
-from episeg_bids.errors import InstallError
-from episeg_bids.install import install_model
-from episeg_bids.model import locate_model, sha256_file
+from episeg_bids.errors import InstallError, ModelError
+from episeg_bids.install import EPISEG_ARCHIVE, install_model
+from episeg_bids.model import EPISEG_URL, default_model_dir, locate_model, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_ZIP = REPO / "models" / "demo" / "episeg-demo-model.zip"
@@ -359,7 +361,9 @@ def test_missing_file_on_server_names_http_status(server, home):
 
 
 def _run_cli(home: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "EPISEG_HOME": str(home), "PYTHONPATH": str(REPO)}
+    """``episeg-bids install-model`` with EPISEG_HOME=home and no EPISEG_MODEL_DIR."""
+    env = {k: v for k, v in os.environ.items() if k != "EPISEG_MODEL_DIR"}
+    env.update(EPISEG_HOME=str(home), PYTHONPATH=str(REPO))
     return subprocess.run(
         [sys.executable, "-m", "episeg_bids.cli", "install-model", *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
@@ -384,3 +388,99 @@ def test_cli_reports_a_checksum_mismatch_on_one_line(server, home, demo_zip):
     assert proc.returncode == 1
     assert any(url in line and "expected " + "f" * 64 in line for line in proc.stderr.splitlines())
     assert _listing(home / "models") == []
+
+
+# --- where the app looks --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def app_home(home: Path, monkeypatch) -> Path:
+    """EPISEG_HOME set to `home` and no EPISEG_MODEL_DIR: the app looks in home/models/episeg-v0.2."""
+    monkeypatch.setenv("EPISEG_HOME", str(home))
+    monkeypatch.delenv("EPISEG_MODEL_DIR", raising=False)
+    return home
+
+
+@pytest.fixture
+def episeg_named_zip(tmp_path: Path, demo_zip: Path) -> Path:
+    """A copy of the demo zip under the EPISeg release's file name (as a mirror or a download would be)."""
+    copy = tmp_path / "downloads" / EPISEG_ARCHIVE
+    copy.parent.mkdir()
+    shutil.copyfile(demo_zip, copy)
+    return copy
+
+
+def test_the_release_file_name_is_the_one_of_the_episeg_url():
+    assert EPISEG_ARCHIVE == "model-fmri-segmentation-v0.2_nnUNetTrainer.zip"
+    assert EPISEG_URL.endswith("/" + EPISEG_ARCHIVE)
+
+
+@pytest.mark.parametrize("how", ["http", "http-with-query", "path", "file-url"])
+def test_copy_of_the_episeg_release_installs_where_the_app_looks(server, app_home, episeg_named_zip, how):
+    url = {
+        "http": lambda: server.publish(episeg_named_zip),
+        "http-with-query": lambda: server.publish(episeg_named_zip) + "?download=1",
+        "path": lambda: str(episeg_named_zip),
+        "file-url": lambda: episeg_named_zip.as_uri(),
+    }[how]()
+    logs: list[str] = []
+
+    dest = install_model(url, log=logs.append)
+
+    assert dest == default_model_dir() == app_home / "models" / "episeg-v0.2"
+    assert locate_model(None).trainer_folder.is_relative_to(dest.resolve())  # found without --model-dir
+    assert logs[-1] == f"episeg-bids uses {dest} by default: no --model-dir needed"
+
+
+def test_other_archive_ends_with_the_exact_model_dir_to_pass(server, app_home, demo_zip):
+    url = server.publish(demo_zip)
+    logs: list[str] = []
+
+    dest = install_model(url, log=logs.append)
+
+    assert dest == app_home / "models" / DEMO_NAME
+    path = shlex.quote(str(dest))
+    assert logs[-1] == (f"episeg-bids looks in {default_model_dir()} by default; to use this model pass "
+                        f"--model-dir {path} (or set EPISEG_MODEL_DIR={path})")
+    with pytest.raises(ModelError, match="install-model"):
+        locate_model(None)  # indeed not found by default
+    assert locate_model(dest).folds == ("all",)
+    again: list[str] = []
+    install_model(url, log=again.append)  # already installed: the same last word
+    assert again[-1] == logs[-1]
+
+
+def test_hint_quotes_a_path_with_spaces(tmp_path, monkeypatch, demo_zip):
+    home = tmp_path / "my home"
+    monkeypatch.setenv("EPISEG_HOME", str(home))
+    monkeypatch.delenv("EPISEG_MODEL_DIR", raising=False)
+    logs: list[str] = []
+
+    dest = install_model(str(demo_zip), log=logs.append)
+
+    assert shlex.split(logs[-1].split("--model-dir ", 1)[1])[0] == str(dest)
+
+
+def test_episeg_model_dir_pointing_elsewhere_is_named(app_home, episeg_named_zip, monkeypatch, tmp_path):
+    monkeypatch.setenv("EPISEG_MODEL_DIR", str(tmp_path / "elsewhere"))
+    logs: list[str] = []
+
+    dest = install_model(str(episeg_named_zip), log=logs.append)
+
+    assert dest == app_home / "models" / "episeg-v0.2"
+    assert logs[-1].startswith(f"EPISEG_MODEL_DIR is set to {tmp_path / 'elsewhere'}; ")
+    assert f"--model-dir {shlex.quote(str(dest))}" in logs[-1]
+
+
+def test_cli_installs_a_release_copy_for_the_app_and_says_so(server, home, episeg_named_zip, demo_zip):
+    release = _run_cli(home, "--url", server.publish(episeg_named_zip))
+    other = _run_cli(home, "--url", str(demo_zip))
+
+    assert release.returncode == 0, release.stderr
+    assert release.stdout.strip().splitlines()[-1] == str(home / "models" / "episeg-v0.2")
+    assert "no --model-dir needed" in release.stderr.strip().splitlines()[-1]
+    assert other.returncode == 0, other.stderr
+    dest = home / "models" / DEMO_NAME
+    assert other.stdout.strip().splitlines()[-1] == str(dest)
+    assert other.stderr.strip().splitlines()[-1].endswith(
+        f"--model-dir {shlex.quote(str(dest))} (or set EPISEG_MODEL_DIR={shlex.quote(str(dest))})")

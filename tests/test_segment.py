@@ -77,19 +77,31 @@ def test_mask_equals_direct_nnunet_call_on_any_storage_order(predictor, sct_pred
     assert ours.sum() > 100
 
 
-def test_probability_agrees_with_mask(predictor):
+@pytest.fixture(scope="module")
+def leipzig_segmentations(predictor):
+    """The Leipzig mean segmented without and with the probabilities (two real predictions)."""
     img = nib.load(LEIPZIG)
-    seg = segment_volume(predictor, img.get_fdata(dtype=np.float32), img.affine,
-                         img.header.get_zooms()[:3], probabilities=True)
+    args = (img.get_fdata(dtype=np.float32), img.affine, img.header.get_zooms()[:3])
+    return segment_volume(predictor, *args), segment_volume(predictor, *args, probabilities=True)
+
+
+def test_probability_agrees_with_mask(leipzig_segmentations):
+    _, seg = leipzig_segmentations
     p = seg.foreground_probability
-    assert p.shape == img.shape and p.dtype == np.float32 and 0 <= p.min() and p.max() <= 1
+    assert p.shape == seg.mask.shape and p.dtype == np.float32 and 0 <= p.min() and p.max() <= 1
     # argmax of a two-class softmax is p > 0.5 (ties aside)
     assert np.mean((p > 0.5) == (seg.mask > 0)) > 0.999
 
 
-def test_demo_model_finds_the_cord_on_leipzig(predictor):
-    img = nib.load(LEIPZIG)
-    mask = segment_volume(predictor, img.get_fdata(dtype=np.float32), img.affine, img.header.get_zooms()[:3]).mask
+def test_asking_for_probabilities_does_not_change_the_mask(leipzig_segmentations):
+    # nnunetv2 takes the argmax of the logits without probabilities, of the softmax with them
+    plain, with_probabilities = leipzig_segmentations
+    assert plain.foreground_probability is None
+    assert np.array_equal(plain.mask, with_probabilities.mask)
+
+
+def test_demo_model_finds_the_cord_on_leipzig(leipzig_segmentations):
+    mask = leipzig_segmentations[0].mask
     truth = np.asarray(nib.load(LEIPZIG_MASK).dataobj) > 0
     dice = 2 * np.sum(mask.astype(bool) & truth) / (mask.sum() + truth.sum())
     assert dice > 0.8
