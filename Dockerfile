@@ -53,7 +53,7 @@ RUN episeg-bids install-model --url "${EPISEG_MODEL_URL}" --name "${EPISEG_MODEL
  && useradd --uid 1000 --user-group --home-dir /home/episeg --create-home --shell /usr/sbin/nologin episeg
 
 # Runs as a non-root user (or any --user UID:GID), with a read-only root filesystem and an
-# unwritable $HOME: the pybids database defaults to $EPISEG_WORK_DIR (pass -w for a persistent
+# unwritable $HOME: the discovery index defaults to $EPISEG_WORK_DIR (pass -w for a persistent
 # one), caches go to /tmp (docker run --read-only --tmpfs /tmp). Nothing is downloaded at run time.
 USER episeg
 WORKDIR /tmp

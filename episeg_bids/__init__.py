@@ -1,9 +1,9 @@
 """episeg-bids: EPISeg spinal-cord segmentation of EPI-BOLD fMRI as a BIDS App.
 
-The pipeline, one module per stage, in the order the orchestrator (:mod:`episeg_bids.pipeline`)
+The pipeline, one module per stage, in the order the orchestrator (:mod:`episeg_bids.participant`)
 runs them:
 
-``layout`` (find runs with pybids) → ``epi`` (temporal mean of a 4D run) → ``model`` (find and
+``layout`` (find runs by BIDS entities) → ``epi`` (temporal mean of a 4D run) → ``model`` (find and
 load the nnUNetv2 model once) → ``segment`` (SCT-exact inference) → ``postprocess`` (SCT's
 post-processing options) → ``metrics`` → ``derivatives`` (BIDS outputs, written atomically).
 """

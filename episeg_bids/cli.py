@@ -74,12 +74,16 @@ def get_parser() -> argparse.ArgumentParser:
                               "and volume difference per run and per slice")
     outputs.add_argument("--overwrite", action="store_true", help="recompute runs whose outputs are complete")
     outputs.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
-                         help="work folder for the pybids database (default: $EPISEG_WORK_DIR, else "
+                         help="work folder for the discovery index (default: $EPISEG_WORK_DIR, else "
                               "OUTPUT_DIR/../episeg_work); keep it on local disk")
-    outputs.add_argument("--nprocs", type=int, default=1, metavar="N",
-                         help="worker processes nnUNet may start for preprocessing (default: 1)")
+    outputs.add_argument("--nprocs", "--n-cpus", type=int, metavar="N",
+                         help="CPUs episeg-bids may use in all (default: every CPU this process may use: "
+                              "affinity, cgroup quota, SLURM_CPUS_PER_TASK)")
     outputs.add_argument("--omp-nthreads", type=int, metavar="N",
-                         help="threads for the network on the CPU (default: torch's choice)")
+                         help="CPU threads of the network (default: --nprocs); recorded in the mask sidecar")
+    outputs.add_argument("--max-image-gb", type=float, default=8.0, metavar="GB",
+                         help="refuse input images whose uncompressed data is larger than this (default: 8); "
+                              "checked from the header before any data is read")
     parser.add_argument("--version", action="version", version=f"episeg-bids {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     return parser
@@ -121,12 +125,13 @@ def options_from_args(args: argparse.Namespace) -> Options:
     output_dir = args.output_dir.expanduser().resolve()
     if not bids_dir.is_dir():
         raise UsageError(f"BIDS folder {args.bids_dir} does not exist")
-    if output_dir == bids_dir:
-        raise UsageError(f"output folder {args.output_dir} is the BIDS folder; use e.g. BIDS_DIR/derivatives/episeg")
     if args.thr is not None and not 0.0 <= args.thr < 1.0:
         raise UsageError(f"--thr {args.thr}: expected a probability in [0, 1)")
-    if args.nprocs < 1 or (args.omp_nthreads is not None and args.omp_nthreads < 1):
+    if (args.nprocs is not None and args.nprocs < 1) or (args.omp_nthreads is not None and args.omp_nthreads < 1):
         raise UsageError("--nprocs and --omp-nthreads must be at least 1")
+    if not args.max_image_gb > 0:
+        raise UsageError(f"--max-image-gb {args.max_image_gb}: expected a positive size in GB")
+    _check_output_location(bids_dir, output_dir, args.output_dir)
     if args.bids_filter_file is not None and not args.bids_filter_file.is_file():
         raise UsageError(f"--bids-filter-file {args.bids_filter_file} does not exist")
     if args.ground_truth is not None and not args.ground_truth.is_dir():
@@ -155,8 +160,24 @@ def options_from_args(args: argparse.Namespace) -> Options:
         save_probseg=args.save_probseg,
         ground_truth=args.ground_truth.expanduser().resolve() if args.ground_truth else None,
         overwrite=args.overwrite,
+        max_image_bytes=int(args.max_image_gb * 1024**3),
         verbose=args.verbose,
     )
+
+
+def _check_output_location(bids_dir: Path, output_dir: Path, given: Path) -> None:
+    """Refuse an output folder inside the dataset anywhere but under ``derivatives/`` (the next run
+    would segment its own outputs), and the dataset folder itself."""
+    if output_dir == bids_dir:
+        raise UsageError(f"output folder {given} is the BIDS folder; use e.g. BIDS_DIR/derivatives/episeg")
+    if output_dir.is_relative_to(bids_dir):
+        inside = output_dir.relative_to(bids_dir).parts
+        if inside[0] != "derivatives":
+            raise UsageError(f"output folder {given} is inside the BIDS folder but not under derivatives/; "
+                             f"use {bids_dir / 'derivatives' / 'episeg-bids'} or a folder outside the dataset")
+    if bids_dir.is_relative_to(output_dir):
+        raise UsageError(f"output folder {given} contains the BIDS folder; choose a folder beside or under "
+                         "BIDS_DIR/derivatives")
 
 
 def setup_logging(verbose: int) -> None:
@@ -213,9 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = options_from_args(args)
         prepare_folders(options)
-        os.environ.setdefault("nnUNet_def_n_proc", str(options.nprocs))
         if options.analysis_level == "participant":
-            from .pipeline import participant
+            from .participant import participant
 
             summary = participant(options)
             for line in summary.lines():

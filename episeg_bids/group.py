@@ -1,8 +1,10 @@
 """The group level: dataset tables, outlier flags and accuracy from what the participant level wrote.
 
-Reads only the output folder (mask sidecars, per-slice tables, crash files) and, with
-``--ground-truth``, manual masks; never runs the model. Robust to participants processed by
-separate jobs, to reruns (the newest outputs win) and to failed runs (listed with their error).
+Discovers the inputs exactly as the participant level does (same labels, filters and work
+folder) and reconciles them with what is on disk: every selected input is done, failed, missing
+or outdated (:func:`reconcile`), so a killed or partial participant level never passes for a
+complete one. Reads run records (mask sidecars), crash files and, with ``--ground-truth``, manual
+masks; never runs the model. Robust to participants processed by separate jobs and to reruns.
 
 Writes ``OUT/group_bold.tsv`` (one row per input image), ``OUT/group_bold.json`` (summary),
 with ground truth ``OUT/group_accuracy_slices.tsv`` (per-slice Dice), and the dataset QC report.
@@ -14,6 +16,7 @@ import json
 import logging
 import re
 import statistics
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,8 +28,12 @@ from . import __version__
 from . import derivatives as deriv
 from . import qc
 from .accuracy import compare
+from .atomic import locked, write_json_atomic, write_tsv_atomic
+from .derivatives import printable
 from .errors import NothingSelected
+from .layout import Run
 from .metrics import OUTLIER_MIN_RUNS, OUTLIER_Z
+from .model import sha256_file
 from .options import Options
 
 log = logging.getLogger("episeg_bids")
@@ -39,41 +46,40 @@ ENTITY_COLUMNS = (("sub", "participant_id"), ("ses", "session_id"), ("task", "ta
 
 
 def source_entities(input_path: str) -> dict[str, str]:
-    """Entities of an input file from its BIDS name."""
-    return deriv.parse_name(Path(input_path).name)[0]
+    """Entities of an input file from its name (also of names that are not strictly BIDS)."""
+    return deriv.loose_entities(Path(input_path).name)
 
 
-def collect_runs(output_dir: Path) -> list[dict[str, Any]]:
-    """One plain row per mask sidecar under ``output_dir`` (status ``done``)."""
-    rows = []
-    for path in deriv.mask_sidecars(output_dir):
-        try:
-            meta = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            log.warning("%s cannot be read (%s); skipped", path, err)
-            continue
-        metrics = meta.get("Metrics", {})
-        inputs = meta.get("Input", {})
-        model = meta.get("Model", {})
-        mask = deriv.mask_of_sidecar(path)
-        rows.append({
-            "status": "done",
-            **_entity_columns(source_entities(inputs.get("Path", mask.name))),
-            "input": inputs.get("Path"),
-            "mask": mask.relative_to(output_dir).as_posix(),
-            "kind": "run" if inputs.get("VolumesAveraged", 1) > 1 else "mean",
-            "volumes_averaged": inputs.get("VolumesAveraged"),
-            **{k: metrics.get(k) for k in ("voxels", "volume_mm3", "mean_area_mm2", "n_slices", "slices_with_cord",
-                                           "first_slice", "last_slice", "components")},
-            "flags": ",".join(f["code"] for f in meta.get("Flags", [])),
-            "model": model.get("Name"),
-            "model_demo": model.get("IsDemoModel"),
-            "model_sha256": ",".join(model.get("CheckpointSHA256", {}).values()),
-            "options": json.dumps(meta.get("Options", {}), sort_keys=True),
-            "date_processed": meta.get("DateProcessed"),
-            "error": None,
-        })
-    return rows
+def done_row(record: deriv.RunRecord) -> dict[str, Any]:
+    """The group-table row of a complete run, from its record."""
+    metrics, inputs, model = record.metrics, record.inputs, record.model
+    return {
+        "status": "done",
+        **_entity_columns(source_entities(record.input_path or record.mask.name)),
+        "input": record.input_path,
+        "mask": record.mask_rel,
+        "kind": "run" if (inputs.get("VolumesAveraged") or 1) > 1 else "mean",
+        "volumes_averaged": inputs.get("VolumesAveraged"),
+        **{k: metrics.get(k) for k in ("voxels", "volume_mm3", "mean_area_mm2", "n_slices", "slices_with_cord",
+                                       "first_slice", "last_slice", "components")},
+        "flags": ",".join(str(f.get("code")) for f in record.flags),
+        "model": model.get("Name"),
+        "model_demo": model.get("IsDemoModel"),
+        "model_sha256": ",".join(map(str, _dict(model.get("CheckpointSHA256")).values())),
+        "options": json.dumps(record.options, sort_keys=True),
+        "date_processed": record.date_processed,
+        "error": None,
+    }
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def other_row(status: str, input_path: str, error: str, **extra: Any) -> dict[str, Any]:
+    """The group-table row of an input that is not done (``failed``, ``missing``, ``outdated``)."""
+    return {"status": status, **_entity_columns(source_entities(input_path)), "input": input_path,
+            "error": error, **extra}
 
 
 def _entity_columns(entities: dict[str, str]) -> dict[str, str | None]:
@@ -84,10 +90,54 @@ def _entity_columns(entities: dict[str, str]) -> dict[str, str | None]:
     return columns
 
 
-def collect_failures(output_dir: Path, done: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows (status ``failed``) for crash files whose input has no mask processed after the crash."""
-    return [{"status": "failed", **_entity_columns(deriv.loose_entities(Path(crash["input"]).name)), **crash}
-            for crash in deriv.unresolved_crashes(output_dir, done)]
+def input_changed(record: deriv.RunRecord, path: Path) -> bool:
+    """True when the input at ``path`` is not the file the record's outputs were made from (size
+    and modification time first; the checksum only when they differ)."""
+    inputs = record.inputs
+    stat = path.stat()
+    if (inputs.get("SizeBytes"), inputs.get("MTimeNs")) == (stat.st_size, stat.st_mtime_ns):
+        return False
+    return inputs.get("SHA256") != sha256_file(path)
+
+
+@dataclass
+class Reconciliation:
+    """The participant-level state of every selected input, and outputs whose input is gone."""
+
+    rows: list[dict[str, Any]]
+    orphaned: list[str]
+    unreadable: list[str]
+
+
+def reconcile(output_dir: Path, bids_dir: Path, runs: list[Run]) -> Reconciliation:
+    """Each selected input is ``done`` (outputs complete, made from this very input), ``failed``
+    (its newest attempt left a crash file), ``outdated`` (outputs made from another version of the
+    file) or ``missing`` (never processed, or its outputs are incomplete). Outputs of inputs that
+    no longer exist are ``orphaned``: reported, never tabulated as results."""
+    records, unreadable = deriv.run_records(output_dir)
+    complete = {r.input_path: r for r in records if r.input_path and r.complete}
+    partial = {r.input_path: r for r in records if r.input_path and not r.complete}
+    crashes = {c.input: c for c in deriv.unresolved_crashes(output_dir, {k: r.date_processed for k, r in complete.items()})}
+    rows = []
+    for run in runs:
+        record = complete.get(run.relpath)
+        crash = crashes.get(run.relpath)
+        if crash is not None:
+            rows.append(other_row("failed", run.relpath, crash.error, crash_file=crash.crash_file))
+        elif record is None:
+            missing = partial[run.relpath].missing_outputs() if run.relpath in partial else []
+            rows.append(other_row("missing", run.relpath,
+                                  f"outputs incomplete ({len(missing)} file(s) missing, e.g. {missing[0]}); run the "
+                                  "participant level again" if missing else "not processed; run the participant level"))
+        elif input_changed(record, run.path):
+            rows.append(other_row("outdated", run.relpath, "the input changed after its outputs were made; run the "
+                                                           "participant level again", mask=record.mask_rel))
+        else:
+            rows.append(done_row(record))
+    selected = {run.relpath for run in runs}
+    orphaned = sorted(r.mask_rel for r in records
+                      if r.input_path and r.input_path not in selected and not (bids_dir / r.input_path).exists())
+    return Reconciliation(rows, orphaned, unreadable)
 
 
 def robust_z(values: list[float | None]) -> list[float | None]:
@@ -190,8 +240,8 @@ ACCURACY_COLUMNS = ("dice", "hd95_mm", "dice_common", "hd95_mm_common", "volume_
                     "volume_diff_percent", "common_slices")
 
 
-def summarise(rows: list[dict[str, Any]], with_accuracy: bool) -> dict[str, Any]:
-    """The group JSON: counts, failures, flags, metric and accuracy statistics, models used."""
+def summarise(rows: list[dict[str, Any]], with_accuracy: bool, orphaned: list[str] | None = None) -> dict[str, Any]:
+    """The group JSON: counts, inputs not done, flags, metric and accuracy statistics, models used."""
     done = [r for r in rows if r["status"] == "done"]
     flags: dict[str, int] = {}
     for row in done:
@@ -202,9 +252,11 @@ def summarise(rows: list[dict[str, Any]], with_accuracy: bool) -> dict[str, Any]
     result = {
         "GeneratedBy": {"Name": "episeg-bids", "Version": __version__},
         "Date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "Runs": {"total": len(rows), "done": len(done), "failed": len(rows) - len(done)},
-        "Failed": [{"input": r["input"], "error": r["error"], "crash_file": r.get("crash_file")}
-                   for r in rows if r["status"] == "failed"],
+        "Runs": {"total": len(rows), "done": len(done),
+                 **{status: sum(r["status"] == status for r in rows) for status in NOT_DONE}},
+        "NotDone": [{"input": r["input"], "status": r["status"], "error": r["error"], "crash_file": r.get("crash_file")}
+                    for r in rows if r["status"] != "done"],
+        "Orphaned": list(orphaned or []),
         "FlagCounts": flags,
         "Metrics": {c: describe([r.get(c) for r in done]) for c in ("volume_mm3", "mean_area_mm2", "slices_with_cord")},
         "Models": sorted({f"{r['model']} ({'DEMO' if r['model_demo'] else r['model_sha256'][:12]})" for r in done}),
@@ -231,42 +283,61 @@ def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+NOT_DONE = ("failed", "missing", "outdated")
+
+
 def group(options: Options) -> int:
-    """Write the group tables and the dataset report; returns the exit code (1 if runs failed).
+    """Write the group tables and the dataset report; returns the exit code (1 when any selected
+    input is failed, missing or outdated).
 
     Raises
     ------
     NothingSelected
-        When the output folder holds no participant-level result at all.
+        When the labels and filters select no input.
     """
+    from .participant import discover
+
     output_dir, ground_truth = options.output_dir, options.ground_truth
-    done = collect_runs(output_dir)
-    failed = collect_failures(output_dir, done)
-    rows = done + failed
-    if not rows:
-        raise NothingSelected(f"{output_dir} holds no participant-level output; run the participant level first")
-    if options.participant_labels:
-        wanted = {f"sub-{label}" for label in options.participant_labels}
-        rows = [r for r in rows if r["participant_id"] in wanted]
+    found = discover(options)
+    if not found.runs:
+        raise NothingSelected(f"no input of {options.bids_dir} matches the labels and filters; check them")
+    state = reconcile(output_dir, options.bids_dir, found.runs)
+    rows = state.rows
+    for problem in state.unreadable:
+        log.warning("%s; left out", problem)
+    for mask in state.orphaned:
+        log.warning("%s: its input is no longer in the dataset; left out of the tables (delete it or restore "
+                    "the input)", mask)
     add_outlier_flags(rows)
     slices = accuracy_rows(output_dir, rows, ground_truth) if ground_truth else []
-    deriv.write_tsv_atomic(table_rows(rows), output_dir / "group_bold.tsv")
-    deriv.write_json_atomic(summarise(rows, ground_truth is not None), output_dir / "group_bold.json")
-    if slices:
-        deriv.write_tsv_atomic(slices, output_dir / "group_accuracy_slices.tsv")
+    tables = ("group_bold.tsv", "group_bold.json", "group_accuracy_slices.tsv")
+    with locked(deriv.lock_path(output_dir, "group")):
+        deriv.remove_temporaries(output_dir, list(tables))
+        write_tsv_atomic(table_rows(rows), output_dir / tables[0])
+        write_json_atomic(summarise(rows, ground_truth is not None, state.orphaned), output_dir / tables[1])
+        if slices:
+            write_tsv_atomic(slices, output_dir / tables[2])
+        else:  # an accuracy table of an earlier group level would no longer match
+            (output_dir / tables[2]).unlink(missing_ok=True)
     _write_report(output_dir, rows)
+    counts = {status: sum(r["status"] == status for r in rows) for status in ("done", *NOT_DONE)}
     for row in rows:
-        if row["status"] == "failed":
-            log.error("FAILED %s: %s", row["input"], row["error"])
-    log.info("group level: %d run(s), %d failed; tables in %s", len(rows),
-             sum(r["status"] == "failed" for r in rows), output_dir)
-    return 1 if any(r["status"] == "failed" for r in rows) else 0
+        if row["status"] != "done":
+            log.error("%s %s: %s", row["status"].upper(), printable(row["input"]), printable(row["error"]))
+    log.info("group level: %d input(s): %s; tables in %s", len(rows),
+             ", ".join(f"{n} {status}" for status, n in counts.items()), output_dir)
+    if counts["done"] == 0:
+        log.error("no input has complete outputs in %s; run the participant level first", output_dir)
+    return 1 if any(counts[s] for s in NOT_DONE) else 0
 
 
 def _write_report(output_dir: Path, rows: list[dict[str, Any]]) -> None:
     """Every subject page and the dataset QC report, with the group columns and outlier flags."""
-    for subject in sorted({r["participant_id"][4:] for r in rows if r["status"] == "done"}):
-        qc.write_subject_page(output_dir, subject)
+    for subject in sorted({r["participant_id"][4:] for r in rows if r["status"] == "done" and r["participant_id"]}):
+        try:
+            qc.write_subject_page(output_dir, subject)
+        except Exception as err:  # one page must not cost the others or the tables
+            log.warning("QC page of %s not written (%s: %s)", printable(subject), type(err).__name__, err)
     extra = {}
     for row in rows:
         if row["status"] != "done":

@@ -124,12 +124,24 @@ OUTLIER_Z = 3.5
 #: Fewer runs than this give no outlier flags: the median absolute deviation is meaningless.
 OUTLIER_MIN_RUNS = 5
 
+#: The message of each automatic flag (one line, in sidecars and logs).
 FLAG_TEXT = {
     "empty": "the mask is empty: no spinal cord was found",
     "gaps": "slices without cord inside the covered range",
     "area": f"cord area outside {PLAUSIBLE_AREA_MM2[0]:g}-{PLAUSIBLE_AREA_MM2[1]:g} mm² on some slices",
     "components": "the mask has more than one connected component",
     "edge": "the mask touches the in-plane edge of the field of view",
+}
+
+#: What each flag means for a reviewer, with its threshold (the QC report's legend). Flags raised
+#: while reading the input (``geometry``, ``timing``) are explained in :data:`episeg_bids.epi.FLAG_LEGEND`.
+FLAG_HELP = {
+    "empty": "The mask is empty: the model found no spinal cord (wrong field of view, brain image, failed model).",
+    "gaps": "Slices without cord between the first and the last slice with cord: the mask is interrupted.",
+    "area": (f"A slice's cord area is outside {PLAUSIBLE_AREA_MM2[0]:g}–{PLAUSIBLE_AREA_MM2[1]:g} mm², the adult "
+             "range (40–90 mm², Frostell et al. 2016; Kato et al. 2012) widened for EPI partial volume."),
+    "components": "More than one connected component (6-connectivity): islands outside the cord or a broken cord.",
+    "edge": "The mask touches the in-plane border of the field of view: the cord may be cut off.",
 }
 
 

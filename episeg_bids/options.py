@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ class Options:
     model_dir: Path | None = None
     device: str = "auto"
     tta: bool = False
-    nprocs: int = 1
+    nprocs: int | None = None
     omp_nthreads: int | None = None
     thr: float | None = None
     largest: bool = False
@@ -37,6 +36,7 @@ class Options:
     save_probseg: bool = False
     ground_truth: Path | None = None
     overwrite: bool = False
+    max_image_bytes: int = 8 * 1024**3
     verbose: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -52,10 +52,3 @@ class Options:
             "fill_holes": self.fill_holes,
             "remove_small": list(self.remove_small) if self.remove_small else None,
         }
-
-    def fingerprint(self, checkpoint_sha256: dict[str, str]) -> str:
-        """Hash of the model's checksums and the mask-changing options: outputs with another
-        fingerprint are stale and are recomputed."""
-        payload = json.dumps({"model": checkpoint_sha256, "options": self.segmentation_options(),
-                              "probseg": self.save_probseg}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]

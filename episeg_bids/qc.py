@@ -23,11 +23,10 @@ import hashlib
 import json
 import logging
 import re
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import quote, unquote, urlparse
 
 import nibabel as nib
@@ -37,29 +36,16 @@ from markupsafe import Markup
 
 from . import __version__
 from . import derivatives as deriv
-from . import metrics
+from . import epi, metrics
+from .atomic import json_text, locked, write_bytes_atomic, write_json_atomic
+from .derivatives import FIGURES, MASK_END, figure_paths
 from .metrics import OUTLIER_MIN_RUNS, OUTLIER_Z
 from .qc_figures import run_figures
 
-try:  # POSIX only; without it the report is still written atomically
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
-
 log = logging.getLogger("episeg_bids")
 
-FIGURES = ("mosaic", "sagittal", "area")
-MASK_END = "_mask.nii.gz"
-#: Meaning and threshold of each automatic flag (codes from :func:`metrics.quality_flags`).
-FLAG_LEGEND = {
-    "empty": "The mask is empty: the model found no spinal cord (wrong field of view, brain image, failed model).",
-    "gaps": "Slices without cord between the first and the last slice with cord: the mask is interrupted.",
-    "area": (f"A slice's cord area is outside {metrics.PLAUSIBLE_AREA_MM2[0]:g}–{metrics.PLAUSIBLE_AREA_MM2[1]:g} "
-             "mm², the adult range (40–90 mm², Frostell et al. 2016; Kato et al. 2012) widened for EPI "
-             "partial volume."),
-    "components": "More than one connected component (6-connectivity): islands outside the cord or a broken cord.",
-    "edge": "The mask touches the in-plane border of the field of view: the cord may be cut off.",
-}
+#: Meaning of every automatic flag code: those of the input reader, then those of the mask.
+FLAG_LEGEND = {**epi.FLAG_LEGEND, **metrics.FLAG_HELP}
 GROUP_FLAG_HELP = (f"Group level: the run is an outlier of the dataset, |modified z| > {OUTLIER_Z} (median and "
                    f"MAD over at least {OUTLIER_MIN_RUNS} runs; Iglewicz & Hoaglin 1993).")
 ORIENTATION_NOTE = (
@@ -95,40 +81,9 @@ def _inline_assets(css_names: tuple[str, ...], js_names: tuple[str, ...]) -> dic
     return {"css": Markup(css), "js": Markup(js), "csp": policy}
 
 
-@contextmanager
-def _locked(output_dir: Path) -> Iterator[None]:
-    """Hold ``OUT/qc/.lock`` (``fcntl.flock``, exclusive) while pages are written."""
-    folder = output_dir / "qc"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+b") as handle:
-        locked = False
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-                locked = True
-            except OSError as err:  # e.g. a file system without flock
-                log.warning("cannot lock %s (%s); writing the QC report unlocked", folder / ".lock", err)
-        try:
-            yield
-        finally:
-            if locked:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _mask_path(output_dir: Path, mask_path: Path) -> Path:
-    path = Path(mask_path)
-    path = path if path.is_absolute() else output_dir / path
-    if not path.name.endswith(MASK_END):
-        raise ValueError(f"{path.name} is not a mask (*{MASK_END}); pass the *_space-orig_label-SC_mask.nii.gz path")
-    return path
-
-
-def figure_paths(output_dir: Path, mask_path: Path) -> dict[str, Path]:
-    """Where the figures of a mask go: ``OUT/sub-<label>/figures/<mask stem>_desc-<kind>_mask.svg``."""
-    path = _mask_path(output_dir, mask_path)
-    subject_dir = output_dir / path.relative_to(output_dir).parts[0]
-    stem = path.name[: -len(MASK_END)]
-    return {kind: subject_dir / "figures" / f"{stem}_desc-{kind}_mask.svg" for kind in FIGURES}
+def _locked(output_dir: Path):
+    """Hold ``OUT/qc/.lock`` while pages are written (parallel jobs share the report)."""
+    return locked(output_dir / "qc" / ".lock")
 
 
 def write_run_figures(output_dir: Path, mask_path: Path, image: np.ndarray, mask: np.ndarray, affine: np.ndarray,
@@ -162,41 +117,43 @@ def write_run_figures(output_dir: Path, mask_path: Path, image: np.ndarray, mask
     figures = run_figures(image, mask, affine, zooms_mm, rows, flags)
     paths = figure_paths(output_dir, mask_path)
     for kind, path in paths.items():
-        deriv.write_bytes_atomic(figures[kind].encode("utf-8"), path)
+        write_bytes_atomic(figures[kind].encode("utf-8"), path)
     return {kind: path.relative_to(output_dir).as_posix() for kind, path in paths.items()}
 
 
-def _source_image(output_dir: Path, meta: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray | None:
-    """The volume that was segmented: the mean (``bids::`` source) or the 3D input (``bids:raw:``)."""
-    candidates = [output_dir / s[len("bids::"):] for s in meta.get("Sources", []) if s.startswith("bids::")]
+def _raw_dataset(output_dir: Path) -> Path | None:
+    """The input dataset named by ``DatasetLinks.raw`` in ``dataset_description.json``."""
     try:
         raw = json.loads((output_dir / "dataset_description.json").read_text())["DatasetLinks"]["raw"]
-        candidates.append(Path(unquote(urlparse(raw).path)) / meta["Input"]["Path"])
+        return Path(unquote(urlparse(raw).path))
     except (OSError, ValueError, KeyError, TypeError):
-        pass
-    for path in candidates:
-        if not path.is_file():
-            continue
-        img = nib.load(path)
-        if img.shape[:3] == shape and (len(img.shape) == 3 or img.shape[3:] == (1,)):
-            return np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
-    return None
+        return None
 
 
-def rebuild_figures(output_dir: Path, sidecar: Path) -> dict[str, str] | None:
+def _segmented_image(record: deriv.RunRecord, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The volume that was segmented (the mean written here, or the 3D input), if it is on disk
+    and on the mask's grid."""
+    path = record.segmented_image(_raw_dataset(record.output_dir))
+    if path is None or not path.is_file():
+        return None
+    img = nib.load(path)
+    if img.shape[:3] != shape or (len(img.shape) > 3 and img.shape[3:] != (1,) * (len(img.shape) - 3)):
+        return None
+    return np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+
+
+def rebuild_figures(record: deriv.RunRecord) -> dict[str, str] | None:
     """Figures of a run from its files on disk (mask, mean or 3D source); None when the segmented
     image is not found (a 4D source without its mean is not averaged again here)."""
-    meta = json.loads(sidecar.read_text())
-    mask_path = sidecar.with_name(sidecar.name[: -len(".json")] + ".nii.gz")
-    mask_img = nib.load(mask_path)
+    mask_img = nib.load(record.mask)
     mask = np.asarray(mask_img.dataobj)
-    image = _source_image(output_dir, meta, mask.shape)
+    image = _segmented_image(record, mask.shape)
     if image is None:
         return None
-    zooms = tuple(float(z) for z in mask_img.header.get_zooms()[:3])
+    zooms = tuple(float(z) for z in record.inputs.get("VoxelSizeMM") or mask_img.header.get_zooms()[:3])
     rows = metrics.per_slice(mask, mask_img.affine, zooms)
-    return write_run_figures(output_dir, mask_path, image, mask, mask_img.affine, zooms, rows,
-                             flags=meta.get("Flags"))
+    return write_run_figures(record.output_dir, record.mask, image, mask, mask_img.affine, zooms, rows,
+                             flags=record.flags)
 
 
 def _text(value: Any) -> str:
@@ -229,53 +186,55 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def collect_runs(output_dir: Path, subject: str | None = None, *, rebuild: bool = True) -> list[dict[str, Any]]:
-    """One plain dict per mask sidecar on disk (optionally of one subject), sorted by path.
+    """One plain dict per run record on disk (optionally of one subject), sorted by path.
 
     Missing figures are rebuilt from the files on disk when ``rebuild`` (and possible).
     """
     runs = []
-    for sidecar in deriv.mask_sidecars(output_dir, subject):
-        meta = _read_json(sidecar)
-        if meta is None:
-            continue
-        rel = sidecar.relative_to(output_dir)
-        mask_rel = deriv.mask_of_sidecar(rel).as_posix()
-        paths = figure_paths(output_dir, output_dir / mask_rel)
+    records, problems = deriv.run_records(output_dir, subject)
+    for problem in problems:
+        log.warning("%s; left out of the QC report", problem)
+    for record in records:
+        paths = figure_paths(output_dir, record.mask)
         figures = {k: p.relative_to(output_dir).as_posix() for k, p in paths.items()}
         missing = ""
         if not all(p.is_file() for p in paths.values()):
             built = None
             if rebuild:
                 try:
-                    built = rebuild_figures(output_dir, sidecar)
+                    built = rebuild_figures(record)
                 except Exception as err:  # a broken file must not stop the report
-                    log.warning("figures of %s cannot be rebuilt (%s)", mask_rel, err)
+                    log.warning("figures of %s cannot be rebuilt (%s)", record.mask_rel, err)
             missing = "" if built else "figures missing and the segmented image was not found"
-        runs.append(_run_entry(output_dir, meta, mask_rel, rel.parts[0], None if missing else figures, missing))
+        runs.append(_run_entry(record, None if missing else figures, missing))
     return runs
 
 
-def _run_entry(output_dir: Path, meta: dict[str, Any], mask_rel: str, subject_dir: str,
-               figures: dict[str, str] | None, missing: str) -> dict[str, Any]:
+def _task_name(record: deriv.RunRecord) -> str | None:
+    """TaskName: recorded with the input, else from the mean's sidecar (outputs of older versions)."""
+    if isinstance(record.inputs.get("TaskName"), str):
+        return record.inputs["TaskName"]
+    mean = record.segmented_image(None)
+    value = (_read_json(deriv.sidecar_of(mean)) or {}).get("TaskName") if mean else None
+    return value if isinstance(value, str) else None
+
+
+def _run_entry(record: deriv.RunRecord, figures: dict[str, str] | None, missing: str) -> dict[str, Any]:
     """What the pages show of one run, as plain values (strings are escaped by the templates)."""
-    inputs = meta.get("Input") if isinstance(meta.get("Input"), dict) else {}
-    model = meta.get("Model") if isinstance(meta.get("Model"), dict) else {}
-    m = meta.get("Metrics") if isinstance(meta.get("Metrics"), dict) else {}
+    meta, inputs, model, m = record.meta, record.inputs, record.model, record.metrics
+    mask_rel, subject_dir = record.mask_rel, record.subject_dir
     name = Path(mask_rel).name
     entities = deriv.loose_entities(Path(str(inputs.get("Path") or name)).name)
-    mean_meta = {}
-    for source in meta.get("Sources", []):
-        if isinstance(source, str) and source.startswith("bids::"):
-            mean_meta = _read_json(output_dir / deriv.RunOutputs.sidecar(Path(source[len("bids::"):]))) or {}
+    task_name = _task_name(record)
     flags = [{"code": str(f.get("code", "")), "message": str(f.get("message", "")), "source": "run",
-              "slices": list(f.get("slices") or [])} for f in meta.get("Flags", []) if isinstance(f, dict)]
+              "slices": list(f.get("slices") or [])} for f in record.flags]
     n_slices, covered = m.get("n_slices"), m.get("slices_with_cord")
     return {
         "anchor": _anchor(name), "mask": mask_rel, "name": name, "subject_dir": subject_dir,
         "subject": subject_dir[4:], "session": entities.get("ses"), "task": entities.get("task"),
         "run": entities.get("run"),
         "other": " ".join(f"{k}-{v}" for k, v in entities.items() if k not in ENTITY_KEYS) or None,
-        "input": inputs.get("Path"), "task_name": mean_meta.get("TaskName"),
+        "input": inputs.get("Path"), "task_name": task_name,
         "volume_mm3": m.get("volume_mm3"), "mean_area_mm2": m.get("mean_area_mm2"), "voxels": m.get("voxels"),
         "slices_with_cord": covered, "n_slices": n_slices, "components": m.get("components"),
         "slices": f"{_text(covered)}/{_text(n_slices)}", "flags": flags, "figures": figures, "missing": missing,
@@ -286,7 +245,7 @@ def _run_entry(output_dir: Path, meta: dict[str, Any], mask_rel: str, subject_di
                     ("Mean area", f"{_text(m.get('mean_area_mm2'))} mm²"), ("Components", _text(m.get("components")))],
         "provenance": [
             ("Input", _text(inputs.get("Path"))), ("Input kind", _text(inputs.get("Kind"))),
-            ("Task name", _text(mean_meta.get("TaskName"))),
+            ("Task name", _text(task_name)),
             ("Shape", _text(inputs.get("Shape"))), ("Voxel size (mm)", _text(inputs.get("VoxelSizeMM"))),
             ("Orientation", _text(inputs.get("Orientation"))),
             ("Volumes averaged", _text(inputs.get("VolumesAveraged"))),
@@ -300,7 +259,7 @@ def _run_entry(output_dir: Path, meta: dict[str, Any], mask_rel: str, subject_di
             ("Processed", _text(meta.get("DateProcessed"))), ("Fingerprint", _text(meta.get("Fingerprint"))),
             ("Description", _text(meta.get("Description"))),
         ],
-        "sidecar": deriv.json_text(meta),
+        "sidecar": json_text(meta),
     }
 
 
@@ -337,9 +296,9 @@ def _crash_files(output_dir: Path, subject_dir: str) -> list[dict[str, str]]:
 
 def _failures(output_dir: Path, runs: list[dict[str, Any]]) -> list[dict[str, str]]:
     """Crash files whose input has no mask processed after the crash (as the group level)."""
-    done = [{"input": r["input"], "date_processed": r["date"]} for r in runs]
-    return [{"input": str(f["input"]), "error": str(f["error"]), "name": Path(f["crash_file"]).name,
-             "href": _href(f["crash_file"], "../")} for f in deriv.unresolved_crashes(output_dir, done)]
+    done = {r["input"]: r["date"] or "" for r in runs if r["input"]}
+    return [{"input": c.input, "error": c.error, "name": Path(c.crash_file).name, "href": _href(c.crash_file, "../")}
+            for c in deriv.unresolved_crashes(output_dir, done)]
 
 
 def write_subject_page(output_dir: Path, subject: str) -> Path:
@@ -362,7 +321,8 @@ def write_subject_page(output_dir: Path, subject: str) -> Path:
         subject=label, runs=runs, legend=_legend([r["flags"] for r in runs]), demo=any(r["demo"] for r in runs),
         crashes=_crash_files(output_dir, f"sub-{label}"), index_href="qc/index.html")
     with _locked(output_dir):
-        deriv.write_bytes_atomic(html.encode("utf-8"), page)
+        deriv.remove_temporaries(output_dir, [page.name])
+        write_bytes_atomic(html.encode("utf-8"), page)
     return page
 
 
@@ -380,7 +340,7 @@ def _load_extra(output_dir: Path, extra: dict | None) -> tuple[dict, str | None]
     path = output_dir / "qc" / "group_extra.json"
     if extra is not None:
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        deriv.write_json_atomic({"Date": stamp, "extra": extra}, path)
+        write_json_atomic({"Date": stamp, "extra": extra}, path)
         return extra, stamp
     kept = _read_json(path)
     if kept and isinstance(kept.get("extra"), dict):
@@ -440,6 +400,7 @@ def write_dataset_report(output_dir: Path, extra: dict | None = None) -> Path:
     """
     output_dir = Path(output_dir)
     with _locked(output_dir):
+        deriv.remove_temporaries(output_dir / "qc", ["index.html", "group_extra.json"])
         runs = collect_runs(output_dir)
         extra, extra_date = _load_extra(output_dir, extra)
         data = _index_data(output_dir, runs, extra, extra_date)
@@ -449,5 +410,5 @@ def write_dataset_report(output_dir: Path, extra: dict | None = None) -> Path:
             data=data, dataset=data["dataset"], n_runs=len(runs), legend=_legend([e["flags"] for e in data["runs"]]),
             n_flagged=sum(bool(e["flags"]) for e in data["runs"]), demo=any(r["demo"] for r in runs), crashes=crashes)
         path = output_dir / "qc" / "index.html"
-        deriv.write_bytes_atomic(html.encode("utf-8"), path)
+        write_bytes_atomic(html.encode("utf-8"), path)
     return path

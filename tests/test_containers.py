@@ -457,7 +457,7 @@ def test_participant_level_runs_as_non_root_read_only_offline(contract_run):
     # no silent fallback: nothing tried to write where the image cannot, nothing crashed
     for sign in ("Permission denied", "Read-only file system", "Traceback", "ERROR"):
         assert sign not in done.stderr + contract_run.group.stderr, sign
-    assert "pybids database /tmp/episeg_work/" in done.stderr, "the work folder defaults to $EPISEG_WORK_DIR"
+    assert "index /tmp/episeg_work/discovery/" in done.stderr, "the work folder defaults to $EPISEG_WORK_DIR"
     masks = sorted(contract_run.out.glob("sub-*/**/*_space-orig_label-SC_mask.nii.gz"))
     assert len(masks) == 3
     for mask in masks:

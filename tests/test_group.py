@@ -1,7 +1,9 @@
 """Group level on an output folder made by separate participant jobs, with a failed run."""
 
 import csv
+import gzip
 import json
+import shutil
 
 import pytest
 
@@ -9,6 +11,7 @@ from conftest import DEMO_MODEL, EXAMPLE, SCT_RUN, run_app
 from episeg_bids.group import add_outlier_flags, match_ground_truth, robust_z
 
 TRUTH = EXAMPLE / "derivatives" / "label"
+LABELS = ("--participant-label", "leipzigR01", "errsm30", "bad01")   # sub-brain01 is never processed here
 
 
 def read_tsv(path):
@@ -19,7 +22,6 @@ def read_tsv(path):
 @pytest.fixture(scope="module")
 def two_jobs(tmp_path_factory):
     """Leipzig and errsm30 processed by two separate participant jobs, bad01 failing."""
-    import shutil
 
     root = tmp_path_factory.mktemp("group")
     bids = root / "bids"
@@ -38,7 +40,7 @@ def two_jobs(tmp_path_factory):
 
 def test_group_table_lists_done_and_failed_runs(two_jobs):
     bids, out = two_jobs
-    done = run_app(bids, out, "group", "--ground-truth", TRUTH)
+    done = run_app(bids, out, "group", "--ground-truth", TRUTH, *LABELS)
     assert done.returncode == 1, done.stderr        # a run failed: listed, and the exit code says so
     assert "FAILED sub-bad01/func/sub-bad01_task-rest_bold.nii.gz" in done.stderr
     rows = {r["participant_id"]: r for r in read_tsv(out / "group_bold.tsv")}
@@ -48,7 +50,7 @@ def test_group_table_lists_done_and_failed_runs(two_jobs):
     assert errsm["status"] == "done" and errsm["session_id"] == "ses-01" and errsm["run"] == "01"
     assert errsm["kind"] == "run" and errsm["volumes_averaged"] == "30" and float(errsm["volume_mm3"]) > 0
     summary = json.loads((out / "group_bold.json").read_text())
-    assert summary["Runs"] == {"total": 3, "done": 2, "failed": 1}
+    assert summary["Runs"] == {"total": 3, "done": 2, "failed": 1, "missing": 0, "outdated": 0}
     assert summary["Models"] == ["nnUNetTrainer__nnUNetPlans__3d_fullres (DEMO)"]
 
 
@@ -68,22 +70,52 @@ def test_accuracy_against_the_real_leipzig_mask(two_jobs):
 
 def test_fixed_run_disappears_from_failures(two_jobs, tmp_path):
     bids, out = two_jobs
-    import shutil
 
     shutil.copy(SCT_RUN, bids / "sub-bad01" / "func" / "sub-bad01_task-rest_bold.nii.gz")
     rerun = run_app(bids, out, "participant", "--participant-label", "bad01", "--model-dir", DEMO_MODEL,
                     "--skip-bids-validation")
     assert rerun.returncode == 0, rerun.stderr
-    done = run_app(bids, out, "group")
+    done = run_app(bids, out, "group", *LABELS)
     assert done.returncode == 0, done.stderr
     rows = {r["participant_id"]: r for r in read_tsv(out / "group_bold.tsv")}
     assert rows["sub-bad01"]["status"] == "done"
 
 
-def test_group_without_participant_outputs(tmp_path):
-    (tmp_path / "bids").mkdir()
-    done = run_app(tmp_path / "bids", tmp_path / "out", "group")
-    assert done.returncode == 18 and "run the participant level first" in done.stderr
+def test_group_without_participant_outputs(example_bids, tmp_path):
+    done = run_app(example_bids, tmp_path / "out", "group")
+    assert done.returncode == 1 and "run the participant level first" in done.stderr
+    rows = read_tsv(tmp_path / "out" / "group_bold.tsv")
+    assert {r["status"] for r in rows} == {"missing"} and len(rows) == 3
+
+
+def test_group_reconciles_outputs_with_the_inputs(two_jobs, tmp_path):
+    """Inputs never processed are missing, changed inputs are outdated, outputs of deleted inputs
+    are reported but not tabulated: nothing passes for done that is not."""
+    bids, out = two_jobs
+    copy = tmp_path / "bids"
+    shutil.copytree(bids, copy)
+    shutil.copytree(out, tmp_path / "out")
+    out = tmp_path / "out"
+    (copy / "sub-new01" / "func").mkdir(parents=True)
+    shutil.copy(SCT_RUN, copy / "sub-new01" / "func" / "sub-new01_task-rest_bold.nii.gz")    # never processed
+    errsm = copy / "sub-errsm30" / "ses-01" / "func" / "sub-errsm30_ses-01_task-rest_run-01_bold.nii.gz"
+    raw = bytearray(gzip.decompress(errsm.read_bytes()))
+    raw[-2:] = b"\x01\x00"                                             # another image under the same name
+    errsm.write_bytes(gzip.compress(bytes(raw)))
+    shutil.rmtree(copy / "sub-leipzigR01")                              # its outputs are now orphaned
+    done = run_app(copy, out, "group", "-w", tmp_path / "work", *LABELS, "new01")
+    assert done.returncode == 1
+    rows = {r["participant_id"]: r for r in read_tsv(out / "group_bold.tsv")}
+    assert rows["sub-new01"]["status"] == "missing" and rows["sub-errsm30"]["status"] == "outdated"
+    assert "sub-leipzigR01" not in rows
+    summary = json.loads((out / "group_bold.json").read_text())
+    assert summary["Runs"]["missing"] == 1 and summary["Runs"]["outdated"] == 1
+    assert summary["Orphaned"] == ["sub-leipzigR01/func/sub-leipzigR01_task-rest_rec-MoCoMean_space-orig_label-SC_mask.nii.gz"]
+    assert "MISSING sub-new01/func/sub-new01_task-rest_bold.nii.gz" in done.stderr
+    # the participant level recomputes the changed input (its checksum is in the fingerprint)
+    rerun = run_app(copy, out, "participant", "--model-dir", DEMO_MODEL, "--skip-bids-validation", "-w",
+                    tmp_path / "work", "--participant-label", "errsm30")
+    assert rerun.returncode == 0 and "1 done, 0 skipped" in rerun.stderr, rerun.stderr
 
 
 def test_robust_outliers():

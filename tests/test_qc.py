@@ -20,6 +20,7 @@ from nibabel.orientations import (aff2axcodes, apply_orientation, axcodes2ornt, 
                                   ornt_transform)
 
 from episeg_bids import derivatives as deriv
+from episeg_bids.atomic import write_json_atomic
 from episeg_bids import metrics, qc
 from episeg_bids import qc_figures as fig
 
@@ -245,11 +246,11 @@ def write_run(output_dir: Path, subject: str, *, task_name: str = "rest", flags_
     rows = metrics.per_slice(mask, affine, zooms)
     summary = metrics.summary(mask, affine, zooms)
     mean = folder / f"{stem}_desc-mean_bold.nii.gz"
-    deriv.write_nifti_atomic(image[..., None], affine, mean, dtype=np.float32)
-    deriv.write_json_atomic({"TaskName": task_name}, folder / f"{stem}_desc-mean_bold.json")
+    deriv.write_nifti_atomic(image[..., None], mean, affine=affine, dtype=np.float32)
+    write_json_atomic({"TaskName": task_name}, folder / f"{stem}_desc-mean_bold.json")
     mask_path = folder / f"{stem}_space-orig_label-SC_mask.nii.gz"
-    deriv.write_nifti_atomic(mask, affine, mask_path, dtype=np.uint8)
-    deriv.write_json_atomic({
+    deriv.write_nifti_atomic(mask, mask_path, affine=affine, dtype=np.uint8)
+    write_json_atomic({
         "Description": "test mask", "Sources": ["bids::" + mean.relative_to(output_dir).as_posix()],
         "Input": {"Path": f"sub-{subject}/func/{stem}_bold.nii.gz", "Kind": "4D run", "Shape": [16, 16, 4, 3]},
         "Model": {"Name": "demo<b>", "IsDemoModel": True}, "Metrics": summary,

@@ -53,9 +53,8 @@ def add_hostile_subject(out: Path) -> str:
     (mask_json,) = func.glob("*_mask.json")
     meta = json.loads(mask_json.read_text().replace("sub-errsm30", f"sub-{HOSTILE_LABEL}"))
     meta["Notes"] = [HOSTILE_TASK, "<img src=x onerror=window.__xss=3>"]
+    meta["Input"]["TaskName"] = HOSTILE_TASK
     mask_json.write_text(json.dumps(meta))
-    (mean_json,) = func.glob("*_desc-mean_bold.json")
-    mean_json.write_text(json.dumps({**json.loads(mean_json.read_text()), "TaskName": HOSTILE_TASK}))
     return mask_json.with_name(mask_json.name.replace(".json", ".nii.gz")).relative_to(out).as_posix()
 
 

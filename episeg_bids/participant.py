@@ -1,0 +1,445 @@
+"""The participant level: the only place that knows the order of the stages.
+
+validate → discover (``layout``) → locate the model → for each input: name its outputs
+(``derivatives``) → skip it when its outputs are complete and up to date → volume (``epi``) →
+segment (``segment``, predictor built once) → post-process → metrics → write (``derivatives``,
+``qc`` figures). Everything that can fail for one input happens inside that input's isolation:
+a failing input gets a crash file and an error line, and the others go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from . import __version__
+from . import derivatives as deriv
+from . import epi, layout, metrics, model, postprocess, qc, segment, validate
+from .atomic import json_text, locked, write_json_atomic, write_tsv_atomic
+from .derivatives import printable
+from .errors import InputImageError, NothingSelected, ValidationFailed
+from .options import Options
+from .progress import Progress
+
+log = logging.getLogger("episeg_bids")
+
+SOFTWARE = ("nnunetv2", "torch", "numpy", "scipy", "nibabel", "pybids")
+
+
+@dataclass
+class RunResult:
+    """What happened to one input: ``status`` is ``'done'``, ``'skipped'`` or ``'failed'``."""
+
+    run: layout.Run
+    status: str
+    seconds: float = 0.0
+    message: str = ""
+    crash_file: Path | None = None
+
+
+@dataclass
+class Summary:
+    """All run results and the wall time of the participant level."""
+
+    results: list[RunResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def failed(self) -> list[RunResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def lines(self) -> list[str]:
+        """Closing summary for the log: counts, time, then one line per failed input."""
+        head = (f"episeg-bids: {self.count('done')} done, {self.count('skipped')} skipped, "
+                f"{self.count('failed')} failed in {self.seconds:.0f} s")
+        return [head] + [f"FAILED {printable(r.run.relpath)}"
+                         + (f" (crash file {printable(str(r.crash_file))})" if r.crash_file else "")
+                         for r in self.failed]
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of Python, episeg-bids and the packages that shape the result."""
+    versions = {"python": platform.python_version(), "episeg-bids": __version__}
+    for name in SOFTWARE:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def container_info() -> dict[str, str] | None:
+    """``{'Type', 'Tag'}`` when running in the project's Docker or Apptainer image."""
+    kind = os.environ.get("EPISEG_CONTAINER_TYPE")
+    if not kind and (os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")):
+        kind = "singularity"
+    if not kind:
+        return None
+    tag = (os.environ.get("EPISEG_CONTAINER_TAG") or os.environ.get("APPTAINER_CONTAINER")
+           or os.environ.get("SINGULARITY_CONTAINER") or "")
+    return {"Type": kind, "Tag": tag}
+
+
+def check_dataset(options: Options) -> None:
+    """Run the BIDS validator unless skipped; log expected findings, raise on real errors.
+
+    Raises
+    ------
+    ValidationFailed
+        With the first errors in the message (exit code 16).
+    """
+    if options.skip_bids_validation:
+        log.info("BIDS validation skipped (--skip-bids-validation)")
+        return
+    findings = validate.run_validator(options.bids_dir)
+    for code, reason in validate.EXPECTED_CODES.items():
+        n = sum(f.code == code for f in findings)
+        if n:
+            log.info("validator: %d x %s accepted (%s)", n, code, reason)
+    errors = validate.blocking_errors(findings)
+    if errors:
+        for finding in errors:
+            log.error("validator: %s", printable(finding.line()))
+        raise ValidationFailed(
+            f"{options.bids_dir} failed BIDS validation with {len(errors)} error(s), first: "
+            f"{printable(errors[0].line())}; fix the dataset or pass --skip-bids-validation"
+        )
+
+
+def discover(options: Options, *, refresh: bool = False) -> layout.Discovery:
+    """The inputs selected by the labels and the filter file (the same for both levels)."""
+    return layout.discover(
+        options.bids_dir, options.work_dir, layout.load_filters(options.bids_filter_file),
+        subjects=list(options.participant_labels) if options.participant_labels else None,
+        sessions=list(options.session_labels) if options.session_labels else None,
+        tasks=list(options.task_labels) if options.task_labels else None,
+        refresh=refresh,
+    )
+
+
+def select_runs(options: Options) -> list[layout.Run]:
+    """Discover the inputs to process.
+
+    Raises
+    ------
+    NothingSelected
+        When nothing is selected (exit code 18).
+    """
+    found = discover(options, refresh=options.overwrite)
+    for label in found.missing_subjects:
+        log.warning("participant %s is not in %s", label, options.bids_dir)
+    if not found.runs:
+        raise NothingSelected(
+            f"no 4D _bold run or 3D mean EPI in {options.bids_dir} matches the participant/session/"
+            "task labels and the filters; check them (and the filter file's entities)"
+        )
+    return found.runs
+
+
+def network_threads(omp_nthreads: int | None, nprocs: int | None, available) -> int:
+    """CPU threads of the network: ``--omp-nthreads``, else ``--nprocs``, else every CPU this
+    process may use (``available()``), never more than ``--nprocs``.
+
+    Examples
+    --------
+    >>> network_threads(None, None, lambda: 8), network_threads(4, None, lambda: 8), network_threads(4, 2, lambda: 8)
+    (8, 4, 2)
+    """
+    threads = omp_nthreads or nprocs or available()
+    return max(1, min(threads, nprocs) if nprocs else threads)
+
+
+class Context:
+    """What every input shares: options, model, device, threads, versions, the predictor (built
+    on first use, so a dataset whose inputs are all up to date never loads the network)."""
+
+    def __init__(self, options: Options, spec: model.ModelSpec):
+        self.options = options
+        self.spec = spec
+        self.device = model.select_device(options.device)
+        self.threads = network_threads(options.omp_nthreads, options.nprocs, model.available_cpus)
+        self.orientation = model.image_orientation(spec)
+        self.versions = software_versions()
+        self.model_description = spec.describe()
+        self._predictor = None
+
+    @property
+    def predictor(self):
+        if self._predictor is None:
+            started = time.monotonic()
+            self._predictor = model.load_predictor(self.spec, device=self.device, tta=self.options.tta,
+                                                   threads=self.threads)
+            log.info("model %s loaded on %s (%d CPU thread(s)) in %.1f s%s", self.spec.trainer_folder.name,
+                     self.device, self.threads, time.monotonic() - started,
+                     " (DEMO model, not EPISeg)" if self.spec.is_demo else "")
+        return self._predictor
+
+    def recorded_options(self) -> dict[str, Any]:
+        """The options a mask sidecar records (those that can change an output, and the device)."""
+        return {**self.options.segmentation_options(), "device": self.device,
+                "save_probseg": self.options.save_probseg}
+
+
+# --- which inputs need work -------------------------------------------------------------------
+
+def input_identity(run: layout.Run, record: deriv.RunRecord | None) -> dict[str, Any]:
+    """Path, size, modification time and SHA-256 of an input. The checksum recorded with earlier
+    outputs is reused while size and modification time are unchanged; otherwise it is computed."""
+    stat = run.path.stat()
+    identity = {"Path": run.relpath, "SizeBytes": stat.st_size, "MTimeNs": stat.st_mtime_ns}
+    if record is not None:
+        old = record.inputs
+        if (old.get("SizeBytes"), old.get("MTimeNs")) == (stat.st_size, stat.st_mtime_ns) and old.get("SHA256"):
+            return {**identity, "SHA256": old["SHA256"]}
+    return {**identity, "SHA256": model.sha256_file(run.path)}
+
+
+def run_fingerprint(context: Context, run: layout.Run, input_sha256: str) -> str:
+    """Hash of everything a run's outputs depend on: the output format, the model's checksums, the
+    options that change them, the input's checksum and its sidecar metadata."""
+    payload = json_text({
+        "format": deriv.FORMAT_VERSION, "model": context.spec.checkpoint_sha256,
+        "options": context.options.segmentation_options(), "probseg": context.options.save_probseg,
+        "input": input_sha256, "metadata": run.metadata,
+    })
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def is_up_to_date(record: deriv.RunRecord | None, fingerprint: str) -> bool:
+    """True when the input's outputs are all on disk and were made from this input, with this
+    model and these options."""
+    return record is not None and record.fingerprint == fingerprint and record.complete
+
+
+# --- one input ----------------------------------------------------------------------------------
+
+@dataclass
+class Segmented:
+    """What was computed for one input, ready to be written."""
+
+    run: layout.Run
+    outputs: deriv.RunOutputs
+    identity: dict[str, Any]
+    fingerprint: str
+    volume: epi.EpiVolume
+    mask: np.ndarray
+    probability: np.ndarray | None
+    steps: list[str]
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+    flags: list[dict[str, Any]]
+    timings: dict[str, float]
+
+
+def process_run(run: layout.Run, outputs: deriv.RunOutputs, identity: dict[str, Any], fingerprint: str,
+                context: Context) -> Segmented:
+    """Read, segment, post-process and measure one input; raises on any failure."""
+    if run.kind == "invalid":
+        raise InputImageError(run.problem or f"{printable(run.path.name)} cannot be segmented")
+    options = context.options
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    volume = epi.read_volume(run.path, max_bytes=options.max_image_bytes)
+    timings["read_s"] = time.monotonic() - started
+
+    started = time.monotonic()
+    need_probability = options.save_probseg or options.thr is not None
+    seg = segment.segment_volume(
+        context.predictor, volume.data, volume.affine, volume.zooms_mm,
+        orientation=context.orientation, probabilities=need_probability)
+    mask, steps = postprocess.postprocess(
+        seg.mask, probability=seg.foreground_probability, thr=options.thr, largest=options.largest,
+        holes=options.fill_holes, remove_small=options.remove_small, zooms_mm=volume.zooms_mm)
+    timings["segment_s"] = time.monotonic() - started
+
+    rows = metrics.per_slice(mask, volume.affine, volume.zooms_mm)
+    summary = metrics.summary(mask, volume.affine, volume.zooms_mm, rows)
+    flags = list(volume.flags) + metrics.quality_flags(mask, volume.affine, rows, summary)
+    return Segmented(run, outputs, identity, fingerprint, volume, mask, seg.foreground_probability, steps,
+                     summary, rows, flags, timings)
+
+
+def repetition_time(run: layout.Run, volume: epi.EpiVolume) -> tuple[float | None, list[str]]:
+    """The repetition time in seconds: the sidecar's (BIDS), else the header's; and notes on what
+    was found (a disagreement, an unusable value)."""
+    notes = []
+    value = run.metadata.get("RepetitionTime")
+    sidecar_tr = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if value is not None and (sidecar_tr is None or not math.isfinite(sidecar_tr) or sidecar_tr <= 0):
+        notes.append(f"RepetitionTime {value!r} in the sidecar is not a positive number: ignored")
+        sidecar_tr = None
+    header_tr = volume.repetition_time_s
+    if sidecar_tr and header_tr and abs(sidecar_tr - header_tr) > 1e-3 * sidecar_tr:
+        notes.append(f"RepetitionTime {sidecar_tr:g} s in the sidecar, {header_tr:g} s in the NIfTI header: "
+                     "the sidecar's is used (BIDS)")
+    return sidecar_tr or header_tr, notes
+
+
+def write_outputs(result: Segmented, context: Context) -> None:
+    """Write mean, probseg, per-slice table and figures, then the mask and its sidecar (last:
+    the sidecar marks a complete run)."""
+    options, volume, run, outputs = context.options, result.volume, result.run, result.outputs
+    out = options.output_dir
+    raw_uri = deriv.bids_uri(run.relpath)
+    sources = [raw_uri]
+    listed: dict[str, str] = {"morph": outputs.morph.relative_to(out).as_posix(),
+                              "morph_sidecar": deriv.sidecar_of(outputs.morph).relative_to(out).as_posix()}
+    notes = list(volume.notes)
+    tr_s, tr_notes = (repetition_time(run, volume) if volume.is_mean_of_run else (None, []))
+    notes += tr_notes
+    task_name = run.metadata.get("TaskName") if isinstance(run.metadata.get("TaskName"), str) else None
+    if volume.is_mean_of_run:
+        if not tr_s:
+            notes.append("RepetitionTime unknown (no sidecar value, none in the header): 1 s written in the mean")
+        deriv.write_nifti_atomic(volume.data[..., None], outputs.mean, dtype=np.float32, geometry=volume.header,
+                                 affine=volume.affine, tr_s=tr_s or 1.0)
+        write_json_atomic(deriv.mean_sidecar(source_uri=raw_uri, task_name=task_name or run.entities.get("task", ""),
+                                             tr_s=tr_s or 1.0, n_volumes=volume.n_volumes, nonfinite=volume.nonfinite,
+                                             versions=context.versions),
+                          deriv.sidecar_of(outputs.mean))
+        sources = [deriv.output_uri(out, outputs.mean), raw_uri]
+        listed.update(mean=outputs.mean.relative_to(out).as_posix(),
+                      mean_sidecar=deriv.sidecar_of(outputs.mean).relative_to(out).as_posix())
+    if not options.save_probseg:  # a probability map of an earlier run would no longer match
+        for stale in (outputs.probseg, deriv.sidecar_of(outputs.probseg)):
+            stale.unlink(missing_ok=True)
+    elif result.probability is not None:
+        deriv.write_nifti_atomic(result.probability, outputs.probseg, dtype=np.float32, geometry=volume.header,
+                                 affine=volume.affine)
+        write_json_atomic(deriv.probseg_sidecar(sources=sources, spatial_reference=raw_uri,
+                                                model=context.model_description, versions=context.versions),
+                          deriv.sidecar_of(outputs.probseg))
+        listed.update(probseg=outputs.probseg.relative_to(out).as_posix(),
+                      probseg_sidecar=deriv.sidecar_of(outputs.probseg).relative_to(out).as_posix())
+    mask_uri = deriv.output_uri(out, outputs.mask)
+    write_tsv_atomic(result.rows, outputs.morph)
+    write_json_atomic(deriv.morph_sidecar(mask_uri, result.summary["slice_axis"]), deriv.sidecar_of(outputs.morph))
+    try:
+        figures = qc.write_run_figures(out, outputs.mask, volume.data, result.mask, volume.affine,
+                                       volume.zooms_mm, result.rows, flags=result.flags)
+    except Exception as err:  # a figure must never cost the mask; the report rebuilds missing ones
+        log.warning("%s: QC figures not written (%s: %s)", printable(run.name), type(err).__name__, err)
+        figures = None
+    deriv.write_nifti_atomic(result.mask, outputs.mask, dtype=np.uint8, geometry=volume.header, affine=volume.affine)
+    inputs = {
+        **result.identity,
+        "Kind": "4D run (temporal mean segmented)" if volume.is_mean_of_run else "3D mean EPI",
+        "Shape": list(run.shape),
+        "VoxelSizeMM": [round(z, 6) for z in volume.zooms_mm],
+        "Orientation": "".join(nib.aff2axcodes(volume.affine)),
+        "VolumesAveraged": volume.n_volumes,
+        "NonFiniteValues": volume.nonfinite,
+        "TaskName": task_name,
+        "RepetitionTime": tr_s,
+    }
+    sidecar = deriv.mask_sidecar(
+        sources=sources, spatial_reference=raw_uri, model=context.model_description, is_demo=context.spec.is_demo,
+        options=context.recorded_options(), post_processing=result.steps, inputs=inputs, metrics=result.summary,
+        flags=result.flags, notes=notes, timings=result.timings, fingerprint=result.fingerprint, outputs=listed,
+        versions=context.versions)
+    sidecar["Figures"] = figures
+    sidecar["Predictor"] = model.describe_predictor(context.predictor)
+    write_json_atomic(sidecar, deriv.sidecar_of(outputs.mask))
+
+
+def handle_run(run: layout.Run, context: Context) -> RunResult:
+    """Process one input in isolation: any failure becomes a crash file and a ``failed`` result."""
+    options = context.options
+    started = time.monotonic()
+    try:
+        with locked(deriv.lock_path(options.output_dir, run.relpath)):
+            if run.kind == "invalid":
+                raise InputImageError(run.problem or f"{printable(run.path.name)} cannot be segmented")
+            outputs = deriv.run_outputs(options.output_dir, run.relpath)
+            deriv.remove_run_temporaries(options.output_dir, outputs)
+            record = deriv.record_of(options.output_dir, outputs)
+            identity = input_identity(run, record)
+            fingerprint = run_fingerprint(context, run, identity["SHA256"])
+            if not options.overwrite and is_up_to_date(record, fingerprint):
+                return RunResult(run, "skipped", message="outputs complete")
+            if record is not None and record.fingerprint != fingerprint:
+                log.info("%s: outputs were made from another input, model or options; recomputing",
+                         printable(run.name))
+            result = process_run(run, outputs, identity, fingerprint, context)
+            for item in result.flags:
+                log.warning("%s: %s", printable(run.name), item["message"])
+            write_outputs(result, context)
+    except Exception as error:  # one bad input must not stop the others
+        message = printable(deriv.error_line(error))
+        crash = None
+        try:
+            crash = deriv.write_crash_file(options.output_dir, subject=run.entities.get("subject"), name=run.name,
+                                           relpath=run.relpath, path=run.path, error=error,
+                                           options=options.as_dict())
+        except OSError as err:
+            log.error("cannot write a crash file for %s (%s)", printable(run.relpath), err)
+        # our messages name the file; anything else gets the input's path in front
+        log.error("%s", message if printable(run.path.name) in message else f"{printable(run.relpath)}: {message}")
+        return RunResult(run, "failed", time.monotonic() - started, message, crash)
+    return RunResult(run, "done", time.monotonic() - started)
+
+
+def participant(options: Options) -> Summary:
+    """Segment every selected input; one failing input never stops the others.
+
+    Raises
+    ------
+    EpisegError
+        Before any input is processed: validation failed, nothing selected, no model, output
+        folder not writable.
+    """
+    clock = time.monotonic()
+    check_dataset(options)
+    runs = select_runs(options)
+    log.info("%d input(s) selected: %d 4D run(s), %d 3D mean(s), %d unusable", len(runs),
+             sum(r.kind == "run" for r in runs), sum(r.kind == "mean" for r in runs),
+             sum(r.kind == "invalid" for r in runs))
+    spec = model.locate_model(options.model_dir)
+    if spec.is_demo:
+        log.warning("using the DEMO model %s: masks are for testing only; install the EPISeg "
+                    "weights with 'episeg-bids install-model'", spec.trainer_folder)
+    deriv.write_dataset_files(options.output_dir, options.bids_dir, container_info(),
+                              model_name=spec.trainer_folder.name, is_demo=spec.is_demo)
+    context = Context(options, spec)
+    summary = Summary()
+    progress = Progress(len(runs))
+    for run in runs:
+        result = handle_run(run, context)
+        summary.results.append(result)
+        progress.step(printable(run.name), {"skipped": "skipped (complete)", "failed": "FAILED"}.get(
+            result.status, result.status))
+    write_qc_pages(options.output_dir, sorted({str(r.run.entities.get("subject", "")) for r in summary.results}))
+    summary.seconds = time.monotonic() - clock
+    return summary
+
+
+def write_qc_pages(output_dir: Path, subjects: list[str]) -> None:
+    """The subject pages of this job and the dataset report, rebuilt from every result on disk;
+    a failure is logged, never fatal."""
+    for subject in subjects:
+        try:
+            qc.write_subject_page(output_dir, subject)
+        except Exception as err:  # the masks are written; a report problem must not fail the run
+            log.warning("QC page of sub-%s not written (%s: %s)", printable(subject), type(err).__name__, err)
+    try:
+        log.info("QC report: %s", qc.write_dataset_report(output_dir))
+    except Exception as err:
+        log.warning("QC report not written (%s: %s)", type(err).__name__, err)
