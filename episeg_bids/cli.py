@@ -1,7 +1,7 @@
-"""Command line: the BIDS-App interface and ``install-model``.
+"""Command line: the BIDS-App interface, ``install-model`` and ``validate``.
 
-``episeg-bids BIDS_DIR OUTPUT_DIR {participant,group} [options]`` and
-``episeg-bids install-model [--url URL] [--sha256 HEX]``. This module only parses arguments into
+``episeg-bids BIDS_DIR OUTPUT_DIR {participant,group} [options]``,
+``episeg-bids install-model [--url URL] [--sha256 HEX]`` and ``episeg-bids validate BIDS_DIR``. This module only parses arguments into
 an :class:`~episeg_bids.options.Options`, sets up logging and maps expected failures
 (:class:`~episeg_bids.errors.EpisegError`) to the BIDS-App exit codes.
 """
@@ -59,6 +59,10 @@ def get_parser() -> argparse.ArgumentParser:
                              help="where the network runs; auto = CUDA when torch sees a GPU (default: auto)")
     model_group.add_argument("--tta", action="store_true",
                              help="test-time augmentation by mirroring (as SCT's -test-time-aug; about 8x slower)")
+    model_group.add_argument("--moco", choices=("slicewise", "none"), default="slicewise",
+                             help="4D runs: slice-wise in-plane motion correction before the mean, in a 35 mm "
+                                  "cylinder around a first segmentation of the plain mean (default: slicewise); "
+                                  "3D mean EPIs are used as they are")
     post = parser.add_argument_group("post-processing (sct_deepseg semantics and order)")
     post.add_argument("--thr", type=float, metavar="T",
                       help="mask = foreground probability > T instead of the argmax (0-1)")
@@ -151,6 +155,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         model_dir=args.model_dir.expanduser().resolve() if args.model_dir else None,
         device=args.device,
         tta=args.tta,
+        moco=args.moco,
         nprocs=args.nprocs,
         omp_nthreads=args.omp_nthreads,
         thr=args.thr,
@@ -207,6 +212,38 @@ def install_main(argv: list[str]) -> int:
     return 0
 
 
+def get_validate_parser() -> argparse.ArgumentParser:
+    """Parser of ``episeg-bids validate``."""
+    parser = argparse.ArgumentParser(
+        prog="episeg-bids validate",
+        description="Validate a BIDS dataset once (bids-validator-deno; BOLD_NOT_4D of 3D mean EPIs accepted), "
+                    "e.g. before submitting one job per participant with --skip-bids-validation "
+                    "(scripts/submit.sh does this). Exit code 0 when valid, 16 when not.")
+    parser.add_argument("bids_dir", type=Path, help="the root folder of a BIDS dataset")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    return parser
+
+
+def validate_main(argv: list[str]) -> int:
+    """``episeg-bids validate BIDS_DIR``."""
+    from .validate import check_dataset
+
+    try:
+        args = get_validate_parser().parse_args(argv)
+    except SystemExit as exit_:
+        return EXIT_USAGE if exit_.code not in (0, None) else 0
+    setup_logging(args.verbose)
+    if not args.bids_dir.is_dir():
+        print(f"episeg-bids validate: error: BIDS folder {args.bids_dir} does not exist", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        check_dataset(args.bids_dir.resolve())
+    except EpisegError as err:
+        print(f"episeg-bids validate: error: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
+
+
 def prepare_folders(options: Options) -> None:
     """Create the output and work folders (exit code 73 when impossible)."""
     for folder in (options.output_dir, options.work_dir):
@@ -221,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["install-model"]:
         return install_main(argv[1:])
+    if argv[:1] == ["validate"]:
+        return validate_main(argv[1:])
     parser = get_parser()
     try:
         args = parser.parse_args(argv)

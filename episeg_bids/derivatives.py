@@ -104,6 +104,8 @@ class RunOutputs:
 
     folder: Path
     mean: Path
+    mocomean: Path
+    motion: Path
     mask: Path
     probseg: Path
     morph: Path
@@ -112,6 +114,10 @@ class RunOutputs:
     def sidecar(path: Path) -> Path:
         """JSON sidecar of a NIfTI or TSV output."""
         return sidecar_of(path)
+
+    def files(self) -> list[Path]:
+        """Every output file an input can have (each also has a sidecar)."""
+        return [self.mean, self.mocomean, self.motion, self.mask, self.probseg, self.morph]
 
 
 def run_outputs(output_dir: Path, relpath: str) -> RunOutputs:
@@ -126,6 +132,9 @@ def run_outputs(output_dir: Path, relpath: str) -> RunOutputs:
     try:
         names = {
             "mean": derivative_name(source.name, entities={"desc": "mean"}, suffix="bold", extension=".nii.gz"),
+            "mocomean": derivative_name(source.name, entities={"desc": "mocomean"}, suffix="bold",
+                                        extension=".nii.gz"),
+            "motion": derivative_name(source.name, entities={"desc": "moco"}, suffix="timeseries", extension=".tsv"),
             **{kind: derivative_name(source.name, entities={"space": "orig", "label": "SC"}, suffix=kind,
                                      extension=ext)
                for kind, ext in (("mask", ".nii.gz"), ("probseg", ".nii.gz"), ("morph", ".tsv"))},
@@ -188,8 +197,8 @@ def remove_temporaries(folder: Path, names: list[str]) -> None:
 
 def remove_run_temporaries(output_dir: Path, outputs: RunOutputs) -> None:
     """Temporary files of one input's outputs and figures (the caller holds the input's lock)."""
-    remove_temporaries(outputs.folder, [p.name for p in (outputs.mean, outputs.mask, outputs.probseg, outputs.morph)]
-                       + [sidecar_of(p).name for p in (outputs.mean, outputs.mask, outputs.probseg, outputs.morph)])
+    files = outputs.files()
+    remove_temporaries(outputs.folder, [p.name for p in files] + [sidecar_of(p).name for p in files])
     figures = figure_paths(output_dir, outputs.mask)
     remove_temporaries(next(iter(figures.values())).parent, [p.name for p in figures.values()])
 
@@ -308,7 +317,10 @@ not cover (per-slice tables, logs, QC pages, group tables) are listed in `.bidsi
 
 
 #: Outputs outside the BIDS specification, for the validator's ``.bidsignore``.
-BIDSIGNORE = ("*_morph.tsv", "*_morph.json", "sub-*/log", "sub-*/figures", "*.html", "qc", "group_*", "log")
+#: The motion table is named as fMRIPrep names its confounds (``desc-<label>_timeseries.tsv``), which
+#: bids-validator-deno 3.0 reports as NOT_INCLUDED, so it is listed too.
+BIDSIGNORE = ("*_morph.tsv", "*_morph.json", "*_timeseries.tsv", "*_timeseries.json", "sub-*/log", "sub-*/figures",
+              "*.html", "qc", "group_*", "log")
 
 
 def write_dataset_files(output_dir: Path, bids_dir: Path, container: dict[str, str] | None, *,
@@ -343,12 +355,12 @@ def provenance(versions: dict[str, str]) -> dict[str, Any]:
 
 
 def mean_sidecar(*, source_uri: str, task_name: str, tr_s: float, n_volumes: int, nonfinite: int,
-                 versions: dict[str, str]) -> dict[str, Any]:
+                 versions: dict[str, str], motion_corrected: bool = False) -> dict[str, Any]:
     """Sidecar of the temporal mean (a ``_bold`` file: TaskName and RepetitionTime required)."""
+    what = "Motion-corrected temporal mean" if motion_corrected else "Temporal mean"
     return {
         **provenance(versions),
-        "Description": f"Temporal mean of {n_volumes} volumes (NaN/Inf samples excluded), stored as one "
-                       "volume (X, Y, Z, 1)",
+        "Description": f"{what} of {n_volumes} volumes (NaN/Inf samples excluded), stored as one volume (X, Y, Z, 1)",
         "Sources": [source_uri],
         "TaskName": task_name,
         "RepetitionTime": tr_s,
@@ -356,6 +368,32 @@ def mean_sidecar(*, source_uri: str, task_name: str, tr_s: float, n_volumes: int
         "VolumesAveraged": n_volumes,
         "NonFiniteValues": nonfinite,
     }
+
+
+def motion_sidecar(*, source_uri: str, slice_axis: int, n_slices: int, reference: str,
+                   versions: dict[str, str]) -> dict[str, Any]:
+    """Column descriptions of the motion table (:func:`episeg_bids.moco.motion_table`)."""
+    a, b = [("ijk")[axis] for axis in range(3) if axis != slice_axis]
+    width = max(2, len(str(n_slices - 1)))
+    sign = "mm; + means the anatomy moved towards increasing voxel index relative to the reference"
+    columns = {
+        "volume": {"Description": "Volume index in the run (0-based)"},
+        "framewise_displacement_mm": {"Description": "Mean over the registered slices of the in-plane "
+                                                     "displacement since the previous volume", "Units": "mm"},
+        f"mean_translation_{a}_mm": {"Description": f"In-plane translation along voxel axis {a}, mean over the "
+                                                    f"registered slices ({sign})", "Units": "mm"},
+        f"mean_translation_{b}_mm": {"Description": f"In-plane translation along voxel axis {b}, mean over the "
+                                                    f"registered slices ({sign})", "Units": "mm"},
+        "max_displacement_mm": {"Description": "Largest in-plane displacement from the reference over the "
+                                               "registered slices", "Units": "mm"},
+    }
+    for s in range(n_slices):
+        for axis in (a, b):
+            columns[f"translation_{axis}_slice{s:0{width}d}_mm"] = {
+                "Description": f"In-plane translation of slice {s} (voxel index along axis {'ijk'[slice_axis]}) "
+                               f"along voxel axis {axis} ({sign})", "Units": "mm"}
+    return {**provenance(versions), "Description": "Slice-wise in-plane motion of the run (episeg-bids moco). "
+            + reference, "Sources": [source_uri], **columns}
 
 
 def probseg_sidecar(*, sources: list[str], spatial_reference: str, model: dict[str, Any],

@@ -27,6 +27,7 @@ class Options:
     model_dir: Path | None = None
     device: str = "auto"
     tta: bool = False
+    moco: str = "slicewise"
     nprocs: int | None = None
     omp_nthreads: int | None = None
     thr: float | None = None
@@ -47,6 +48,7 @@ class Options:
         """The options that change a mask (recorded in sidecars and in the fingerprint)."""
         return {
             "tta": self.tta,
+            "moco": self.moco,
             "thr": self.thr,
             "largest": self.largest,
             "fill_holes": self.fill_holes,

@@ -1,10 +1,17 @@
 """The participant level: the only place that knows the order of the stages.
 
-validate → discover (``layout``) → locate the model → for each input: name its outputs
-(``derivatives``) → skip it when its outputs are complete and up to date → volume (``epi``) →
-segment (``segment``, predictor built once) → post-process → metrics → write (``derivatives``,
-``qc`` figures). Everything that can fail for one input happens inside that input's isolation:
-a failing input gets a crash file and an error line, and the others go on.
+validate → discover (``layout``) → locate the model → for each input, in three overlapping
+stages (:mod:`episeg_bids.overlap`: the next input is read and the previous one written while the
+network works):
+
+1. open (reader thread): lock the input, name its outputs (``derivatives``), skip it when they are
+   complete and up to date, read the volume to segment (``epi``);
+2. segment (this thread, which owns the network): ``segment`` (predictor built once) →
+   ``postprocess`` → ``metrics``;
+3. write (writer thread): ``derivatives`` files and ``qc`` figures, the mask sidecar last.
+
+Everything that can fail for one input happens inside that input's isolation: a failing input
+gets a crash file and an error line, and the others go on.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import math
 import os
 import platform
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -25,11 +33,12 @@ import numpy as np
 
 from . import __version__
 from . import derivatives as deriv
-from . import epi, layout, metrics, model, postprocess, qc, segment, validate
+from . import epi, layout, metrics, moco, model, postprocess, qc, segment, validate
 from .atomic import json_text, locked, write_json_atomic, write_tsv_atomic
 from .derivatives import printable
-from .errors import InputImageError, NothingSelected, ValidationFailed
+from .errors import InputImageError, NothingSelected
 from .options import Options
+from .overlap import Stop, Work, run_overlapped
 from .progress import Progress
 
 log = logging.getLogger("episeg_bids")
@@ -96,32 +105,6 @@ def container_info() -> dict[str, str] | None:
     tag = (os.environ.get("EPISEG_CONTAINER_TAG") or os.environ.get("APPTAINER_CONTAINER")
            or os.environ.get("SINGULARITY_CONTAINER") or "")
     return {"Type": kind, "Tag": tag}
-
-
-def check_dataset(options: Options) -> None:
-    """Run the BIDS validator unless skipped; log expected findings, raise on real errors.
-
-    Raises
-    ------
-    ValidationFailed
-        With the first errors in the message (exit code 16).
-    """
-    if options.skip_bids_validation:
-        log.info("BIDS validation skipped (--skip-bids-validation)")
-        return
-    findings = validate.run_validator(options.bids_dir)
-    for code, reason in validate.EXPECTED_CODES.items():
-        n = sum(f.code == code for f in findings)
-        if n:
-            log.info("validator: %d x %s accepted (%s)", n, code, reason)
-    errors = validate.blocking_errors(findings)
-    if errors:
-        for finding in errors:
-            log.error("validator: %s", printable(finding.line()))
-        raise ValidationFailed(
-            f"{options.bids_dir} failed BIDS validation with {len(errors)} error(s), first: "
-            f"{printable(errors[0].line())}; fix the dataset or pass --skip-bids-validation"
-        )
 
 
 def discover(options: Options, *, refresh: bool = False) -> layout.Discovery:
@@ -232,6 +215,19 @@ def is_up_to_date(record: deriv.RunRecord | None, fingerprint: str) -> bool:
 # --- one input ----------------------------------------------------------------------------------
 
 @dataclass
+class InputState:
+    """What the stages know about one input; the input's lock is held until it is written."""
+
+    outputs: deriv.RunOutputs
+    identity: dict[str, Any]
+    fingerprint: str
+    lock: ExitStack
+    started: float
+    volume: epi.EpiVolume | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class Segmented:
     """What was computed for one input, ready to be written."""
 
@@ -247,34 +243,110 @@ class Segmented:
     rows: list[dict[str, Any]]
     flags: list[dict[str, Any]]
     timings: dict[str, float]
+    motion: moco.MotionCorrection | None = None
+    motion_slices: np.ndarray | None = None
 
 
-def process_run(run: layout.Run, outputs: deriv.RunOutputs, identity: dict[str, Any], fingerprint: str,
-                context: Context) -> Segmented:
-    """Read, segment, post-process and measure one input; raises on any failure."""
-    if run.kind == "invalid":
-        raise InputImageError(run.problem or f"{printable(run.path.name)} cannot be segmented")
+def open_input(run: layout.Run, context: Context) -> InputState:
+    """Stage 1 (reader thread): take the input's lock, name its outputs, stop when they are up to
+    date (:class:`~episeg_bids.overlap.Stop`), else read the volume to segment."""
     options = context.options
-    timings: dict[str, float] = {}
     started = time.monotonic()
-    volume = epi.read_volume(run.path, max_bytes=options.max_image_bytes)
-    timings["read_s"] = time.monotonic() - started
+    lock = ExitStack()
+    lock.enter_context(locked(deriv.lock_path(options.output_dir, run.relpath)))
+    try:
+        if run.kind == "invalid":
+            raise InputImageError(run.problem or f"{printable(run.path.name)} cannot be segmented")
+        outputs = deriv.run_outputs(options.output_dir, run.relpath)
+        deriv.remove_run_temporaries(options.output_dir, outputs)
+        record = deriv.record_of(options.output_dir, outputs)
+        identity = input_identity(run, record)
+        fingerprint = run_fingerprint(context, run, identity["SHA256"])
+        if not options.overwrite and is_up_to_date(record, fingerprint):
+            lock.close()
+            raise Stop(RunResult(run, "skipped", message="outputs complete"))
+        if record is not None and record.fingerprint != fingerprint:
+            log.info("%s: outputs were made from another input, model or options; recomputing", printable(run.name))
+        state = InputState(outputs, identity, fingerprint, lock, started)
+        state.volume = epi.read_volume(run.path, max_bytes=options.max_image_bytes,
+                                       keep_volumes=run.kind == "run" and options.moco == "slicewise")
+        state.timings["read_s"] = time.monotonic() - started
+        return state
+    except BaseException:
+        lock.close()
+        raise
 
+
+def segment_input(run: layout.Run, state: InputState, context: Context) -> Segmented:
+    """Stage 2 (the calling thread, which owns the network): segment, post-process, measure."""
+    options, volume = context.options, state.volume
+    motion = motion_slices = None
+    try:
+        if volume.volumes is not None:
+            motion, motion_slices = correct_motion(run, volume, state.timings, context)
+        started = time.monotonic()
+        need_probability = options.save_probseg or options.thr is not None
+        seg = segment.segment_volume(
+            context.predictor, volume.data, volume.affine, volume.zooms_mm,
+            orientation=context.orientation, probabilities=need_probability)
+        mask, steps = postprocess.postprocess(
+            seg.mask, probability=seg.foreground_probability, thr=options.thr, largest=options.largest,
+            holes=options.fill_holes, remove_small=options.remove_small, zooms_mm=volume.zooms_mm)
+        state.timings["segment_s"] = time.monotonic() - started
+        rows = metrics.per_slice(mask, volume.affine, volume.zooms_mm)
+        summary = metrics.summary(mask, volume.affine, volume.zooms_mm, rows)
+        flags = list(volume.flags) + metrics.quality_flags(mask, volume.affine, rows, summary)
+        if motion is not None:
+            flags += moco.motion_flags(moco.motion_summary(motion, slices=motion_slices))
+    except BaseException:
+        state.lock.close()
+        raise
+    for item in flags:
+        log.warning("%s: %s", printable(run.name), item["message"])
+    return Segmented(run, state.outputs, state.identity, state.fingerprint, volume, mask, seg.foreground_probability,
+                     steps, summary, rows, flags, state.timings, motion, motion_slices)
+
+
+#: Diameter of the cylinder around the cord that motion is estimated in, in mm (sct_fmri_moco's
+#: default mask is a 35 mm cylinder around the centreline).
+MOCO_ROI_DIAMETER_MM = 35.0
+
+
+def correct_motion(run: layout.Run, volume: epi.EpiVolume, timings: dict[str, float],
+                   context: Context) -> tuple[moco.MotionCorrection, np.ndarray]:
+    """Two passes, as SCT's documented path (``sct_fmri_moco``, then ``sct_deepseg`` on the moco
+    mean): segment the plain mean, estimate slice-wise motion in a cylinder around that cord, and
+    put the motion-corrected mean in ``volume.data`` (the whole run is then released). Returns the
+    correction and the slices that had a registration ROI."""
     started = time.monotonic()
-    need_probability = options.save_probseg or options.thr is not None
-    seg = segment.segment_volume(
-        context.predictor, volume.data, volume.affine, volume.zooms_mm,
-        orientation=context.orientation, probabilities=need_probability)
-    mask, steps = postprocess.postprocess(
-        seg.mask, probability=seg.foreground_probability, thr=options.thr, largest=options.largest,
-        holes=options.fill_holes, remove_small=options.remove_small, zooms_mm=volume.zooms_mm)
-    timings["segment_s"] = time.monotonic() - started
+    first = segment.segment_volume(context.predictor, volume.data, volume.affine, volume.zooms_mm,
+                                   orientation=context.orientation)
+    axis = metrics.slice_axis(volume.affine)
+    roi = moco.cord_cylinder(first.mask, volume.zooms_mm, axis, diameter_mm=MOCO_ROI_DIAMETER_MM)
+    result = moco.motion_correct(volume.volumes, volume.zooms_mm, axis, roi=roi, finite=volume.finite)
+    volume.data, volume.volumes, volume.finite = result.mean, None, None
+    slices = np.moveaxis(first.mask > 0, axis, 0).reshape(first.mask.shape[axis], -1).any(axis=1)
+    summary = moco.motion_summary(result, slices=slices if slices.any() else None)
+    timings["moco_s"] = time.monotonic() - started
+    log.info("%s: motion corrected (%d volumes; framewise displacement mean %.2f mm, max %.2f mm) in %.1f s",
+             printable(run.name), summary["Volumes"], summary["FramewiseDisplacementMeanMM"],
+             summary["FramewiseDisplacementMaxMM"], timings["moco_s"])
+    return result, (slices if slices.any() else None)
 
-    rows = metrics.per_slice(mask, volume.affine, volume.zooms_mm)
-    summary = metrics.summary(mask, volume.affine, volume.zooms_mm, rows)
-    flags = list(volume.flags) + metrics.quality_flags(mask, volume.affine, rows, summary)
-    return Segmented(run, outputs, identity, fingerprint, volume, mask, seg.foreground_probability, steps,
-                     summary, rows, flags, timings)
+
+def write_input(state: InputState, result: Segmented, context: Context) -> RunResult:
+    """Stage 3 (writer thread): write the outputs, then release the input's lock."""
+    try:
+        started = time.monotonic()
+        write_outputs(result, context)
+        result.timings["write_s"] = time.monotonic() - started
+    finally:
+        state.lock.close()
+    message = ""
+    if result.motion is not None:
+        fd = result.motion.framewise_displacement_mm
+        message = f"moco: {fd.size} volumes, FD max {float(fd.max()):.2f} mm"
+    return RunResult(result.run, "done", time.monotonic() - state.started, message)
 
 
 def repetition_time(run: layout.Run, volume: epi.EpiVolume) -> tuple[float | None, list[str]]:
@@ -306,22 +378,33 @@ def write_outputs(result: Segmented, context: Context) -> None:
     tr_s, tr_notes = (repetition_time(run, volume) if volume.is_mean_of_run else (None, []))
     notes += tr_notes
     task_name = run.metadata.get("TaskName") if isinstance(run.metadata.get("TaskName"), str) else None
+    written = [outputs.mask, outputs.morph]
     if volume.is_mean_of_run:
         if not tr_s:
             notes.append("RepetitionTime unknown (no sidecar value, none in the header): 1 s written in the mean")
-        deriv.write_nifti_atomic(volume.data[..., None], outputs.mean, dtype=np.float32, geometry=volume.header,
+        mean = outputs.mocomean if result.motion is not None else outputs.mean
+        deriv.write_nifti_atomic(volume.data[..., None], mean, dtype=np.float32, geometry=volume.header,
                                  affine=volume.affine, tr_s=tr_s or 1.0)
         write_json_atomic(deriv.mean_sidecar(source_uri=raw_uri, task_name=task_name or run.entities.get("task", ""),
                                              tr_s=tr_s or 1.0, n_volumes=volume.n_volumes, nonfinite=volume.nonfinite,
-                                             versions=context.versions),
-                          deriv.sidecar_of(outputs.mean))
-        sources = [deriv.output_uri(out, outputs.mean), raw_uri]
-        listed.update(mean=outputs.mean.relative_to(out).as_posix(),
-                      mean_sidecar=deriv.sidecar_of(outputs.mean).relative_to(out).as_posix())
-    if not options.save_probseg:  # a probability map of an earlier run would no longer match
-        for stale in (outputs.probseg, deriv.sidecar_of(outputs.probseg)):
-            stale.unlink(missing_ok=True)
-    elif result.probability is not None:
+                                             versions=context.versions, motion_corrected=result.motion is not None),
+                          deriv.sidecar_of(mean))
+        sources = [deriv.output_uri(out, mean), raw_uri]
+        listed.update(mean=mean.relative_to(out).as_posix(),
+                      mean_sidecar=deriv.sidecar_of(mean).relative_to(out).as_posix())
+        written.append(mean)
+    if result.motion is not None:
+        axis = result.summary["slice_axis"]
+        write_tsv_atomic(moco.motion_table(result.motion.shifts_mm, result.motion.framewise_displacement_mm,
+                                           slice_axis=axis, slices=result.motion_slices), outputs.motion)
+        write_json_atomic(deriv.motion_sidecar(source_uri=raw_uri, slice_axis=axis,
+                                               n_slices=result.motion.shifts_mm.shape[1],
+                                               reference=result.motion.reference, versions=context.versions),
+                          deriv.sidecar_of(outputs.motion))
+        listed.update(motion=outputs.motion.relative_to(out).as_posix(),
+                      motion_sidecar=deriv.sidecar_of(outputs.motion).relative_to(out).as_posix())
+        written.append(outputs.motion)
+    if options.save_probseg and result.probability is not None:
         deriv.write_nifti_atomic(result.probability, outputs.probseg, dtype=np.float32, geometry=volume.header,
                                  affine=volume.affine)
         write_json_atomic(deriv.probseg_sidecar(sources=sources, spatial_reference=raw_uri,
@@ -329,6 +412,10 @@ def write_outputs(result: Segmented, context: Context) -> None:
                           deriv.sidecar_of(outputs.probseg))
         listed.update(probseg=outputs.probseg.relative_to(out).as_posix(),
                       probseg_sidecar=deriv.sidecar_of(outputs.probseg).relative_to(out).as_posix())
+        written.append(outputs.probseg)
+    for stale in set(outputs.files()) - set(written):  # made with other options: they would no longer match
+        for path in (stale, deriv.sidecar_of(stale)):
+            path.unlink(missing_ok=True)
     mask_uri = deriv.output_uri(out, outputs.mask)
     write_tsv_atomic(result.rows, outputs.morph)
     write_json_atomic(deriv.morph_sidecar(mask_uri, result.summary["slice_axis"]), deriv.sidecar_of(outputs.morph))
@@ -341,7 +428,8 @@ def write_outputs(result: Segmented, context: Context) -> None:
     deriv.write_nifti_atomic(result.mask, outputs.mask, dtype=np.uint8, geometry=volume.header, affine=volume.affine)
     inputs = {
         **result.identity,
-        "Kind": "4D run (temporal mean segmented)" if volume.is_mean_of_run else "3D mean EPI",
+        "Kind": ("3D mean EPI" if not volume.is_mean_of_run else "4D run (motion-corrected temporal mean segmented)"
+                 if result.motion is not None else "4D run (temporal mean segmented)"),
         "Shape": list(run.shape),
         "VoxelSizeMM": [round(z, 6) for z in volume.zooms_mm],
         "Orientation": "".join(nib.aff2axcodes(volume.affine)),
@@ -356,45 +444,53 @@ def write_outputs(result: Segmented, context: Context) -> None:
         flags=result.flags, notes=notes, timings=result.timings, fingerprint=result.fingerprint, outputs=listed,
         versions=context.versions)
     sidecar["Figures"] = figures
+    if result.motion is not None:
+        sidecar["Motion"] = {
+            "Method": "slice-wise in-plane translation, two passes (plain mean -> cord mask -> "
+                      f"{MOCO_ROI_DIAMETER_MM:g} mm cylinder -> motion-corrected mean -> final mask)",
+            "Reference": result.motion.reference, "Parameters": result.motion.parameters,
+            **moco.motion_summary(result.motion, slices=result.motion_slices)}
     sidecar["Predictor"] = model.describe_predictor(context.predictor)
     write_json_atomic(sidecar, deriv.sidecar_of(outputs.mask))
 
 
-def handle_run(run: layout.Run, context: Context) -> RunResult:
-    """Process one input in isolation: any failure becomes a crash file and a ``failed`` result."""
+def failed_result(run: layout.Run, error: BaseException, context: Context) -> RunResult:
+    """A failed input: its crash file and its one error line (naming the file and the fix)."""
     options = context.options
-    started = time.monotonic()
+    message = printable(deriv.error_line(error))
+    crash = None
     try:
-        with locked(deriv.lock_path(options.output_dir, run.relpath)):
-            if run.kind == "invalid":
-                raise InputImageError(run.problem or f"{printable(run.path.name)} cannot be segmented")
-            outputs = deriv.run_outputs(options.output_dir, run.relpath)
-            deriv.remove_run_temporaries(options.output_dir, outputs)
-            record = deriv.record_of(options.output_dir, outputs)
-            identity = input_identity(run, record)
-            fingerprint = run_fingerprint(context, run, identity["SHA256"])
-            if not options.overwrite and is_up_to_date(record, fingerprint):
-                return RunResult(run, "skipped", message="outputs complete")
-            if record is not None and record.fingerprint != fingerprint:
-                log.info("%s: outputs were made from another input, model or options; recomputing",
-                         printable(run.name))
-            result = process_run(run, outputs, identity, fingerprint, context)
-            for item in result.flags:
-                log.warning("%s: %s", printable(run.name), item["message"])
-            write_outputs(result, context)
-    except Exception as error:  # one bad input must not stop the others
-        message = printable(deriv.error_line(error))
-        crash = None
-        try:
-            crash = deriv.write_crash_file(options.output_dir, subject=run.entities.get("subject"), name=run.name,
-                                           relpath=run.relpath, path=run.path, error=error,
-                                           options=options.as_dict())
-        except OSError as err:
-            log.error("cannot write a crash file for %s (%s)", printable(run.relpath), err)
-        # our messages name the file; anything else gets the input's path in front
-        log.error("%s", message if printable(run.path.name) in message else f"{printable(run.relpath)}: {message}")
-        return RunResult(run, "failed", time.monotonic() - started, message, crash)
-    return RunResult(run, "done", time.monotonic() - started)
+        crash = deriv.write_crash_file(options.output_dir, subject=run.entities.get("subject"), name=run.name,
+                                       relpath=run.relpath, path=run.path, error=error, options=options.as_dict())
+    except OSError as err:
+        log.error("cannot write a crash file for %s (%s)", printable(run.relpath), err)
+    # our messages name the file; anything else gets the input's path in front
+    log.error("%s", message if printable(run.path.name) in message else f"{printable(run.relpath)}: {message}")
+    return RunResult(run, "failed", message=message, crash_file=crash)
+
+
+def process_inputs(runs: list[layout.Run], context: Context) -> list[RunResult]:
+    """Every input through the three stages, reading input k+1 and writing input k-1 while the
+    network works on input k (:func:`episeg_bids.overlap.run_overlapped`); results, progress and
+    log lines come in input order."""
+    results: list[RunResult] = []
+    progress = Progress(len(runs))
+
+    def finish(work: Work) -> None:
+        run = work.item
+        if work.error is not None:
+            result = failed_result(run, work.error, context)
+        else:
+            result = work.state
+        results.append(result)
+        status = {"skipped": "skipped (complete)", "failed": "FAILED"}.get(result.status, result.status)
+        progress.step(printable(run.name), f"{status} ({result.message})" if result.status == "done" and result.message
+                      else status)
+
+    run_overlapped(runs, prepare=lambda run, _: open_input(run, context),
+                   compute=lambda run, state: (state, segment_input(run, state, context)),
+                   write=lambda run, both: write_input(both[0], both[1], context), finish=finish)
+    return results
 
 
 def participant(options: Options) -> Summary:
@@ -407,7 +503,10 @@ def participant(options: Options) -> Summary:
         folder not writable.
     """
     clock = time.monotonic()
-    check_dataset(options)
+    if options.skip_bids_validation:
+        log.info("BIDS validation skipped (--skip-bids-validation)")
+    else:
+        validate.check_dataset(options.bids_dir)
     runs = select_runs(options)
     log.info("%d input(s) selected: %d 4D run(s), %d 3D mean(s), %d unusable", len(runs),
              sum(r.kind == "run" for r in runs), sum(r.kind == "mean" for r in runs),
@@ -419,13 +518,7 @@ def participant(options: Options) -> Summary:
     deriv.write_dataset_files(options.output_dir, options.bids_dir, container_info(),
                               model_name=spec.trainer_folder.name, is_demo=spec.is_demo)
     context = Context(options, spec)
-    summary = Summary()
-    progress = Progress(len(runs))
-    for run in runs:
-        result = handle_run(run, context)
-        summary.results.append(result)
-        progress.step(printable(run.name), {"skipped": "skipped (complete)", "failed": "FAILED"}.get(
-            result.status, result.status))
+    summary = Summary(process_inputs(runs, context))
     write_qc_pages(options.output_dir, sorted({str(r.run.entities.get("subject", "")) for r in summary.results}))
     summary.seconds = time.monotonic() - clock
     return summary

@@ -8,13 +8,16 @@ it never fails validation; every other error does.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EpisegError
+from .errors import EpisegError, ValidationFailed
+
+log = logging.getLogger("episeg_bids")
 
 #: Validator error codes that do not fail validation, with the reason shown to the user.
 EXPECTED_CODES = {"BOLD_NOT_4D": "3D mean EPI volumes stored as _bold (as in ds005143) are supported"}
@@ -82,3 +85,30 @@ def run_validator(dataset: Path, *, timeout_s: float = 3600) -> list[Finding]:
 def blocking_errors(findings: list[Finding]) -> list[Finding]:
     """The errors that fail validation: severity ``error`` and not in :data:`EXPECTED_CODES`."""
     return [f for f in findings if f.severity == "error" and f.code not in EXPECTED_CODES]
+
+
+def check_dataset(bids_dir: Path) -> None:
+    """Validate ``bids_dir``: log the accepted findings, raise on any other error.
+
+    Raises
+    ------
+    ValidationFailed
+        With the first error in the message (exit code 16).
+    """
+    findings = run_validator(bids_dir)
+    for code, reason in EXPECTED_CODES.items():
+        n = sum(f.code == code for f in findings)
+        if n:
+            log.info("validator: %d x %s accepted (%s)", n, code, reason)
+    errors = blocking_errors(findings)
+    for finding in errors:
+        log.error("validator: %s", _one_line(finding.line()))
+    if errors:
+        raise ValidationFailed(
+            f"{bids_dir} failed BIDS validation with {len(errors)} error(s), first: {_one_line(errors[0].line())}; "
+            "fix the dataset or pass --skip-bids-validation")
+    log.info("validator: %s is valid BIDS (%d warning(s))", bids_dir, sum(f.severity == "warning" for f in findings))
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -16,7 +16,8 @@ from episeg_bids.validate import blocking_errors, run_validator
 
 LEIPZIG_OUT = "sub-leipzigR01/func/sub-leipzigR01_task-rest_rec-MoCoMean_space-orig_label-SC_mask.nii.gz"
 ERRSM_OUT = "sub-errsm30/ses-01/func/sub-errsm30_ses-01_task-rest_run-01_space-orig_label-SC_mask.nii.gz"
-ERRSM_MEAN = "sub-errsm30/ses-01/func/sub-errsm30_ses-01_task-rest_run-01_desc-mean_bold.nii.gz"
+ERRSM_MEAN = "sub-errsm30/ses-01/func/sub-errsm30_ses-01_task-rest_run-01_desc-mocomean_bold.nii.gz"
+ERRSM_MOTION = "sub-errsm30/ses-01/func/sub-errsm30_ses-01_task-rest_run-01_desc-moco_timeseries.tsv"
 BRAIN_OUT = "sub-brain01/func/sub-brain01_task-rest_space-orig_label-SC_mask.nii.gz"
 
 
@@ -56,9 +57,10 @@ def test_masks_lie_on_the_input_grid(full_run):
     assert mask.shape == source.shape[:3] and np.allclose(mask.affine, source.affine)
     assert mask.get_data_dtype() == np.uint8 and set(np.unique(mask.dataobj)) <= {0, 1}
     mean = nib.load(out / ERRSM_MEAN)
-    assert mean.shape == (68, 68, 6, 1) and mean.get_data_dtype() == np.float32
+    assert mean.shape == (68, 68, 6, 1) and mean.get_data_dtype() == np.float32 and np.allclose(mean.affine, source.affine)
     raw = np.asanyarray(source.dataobj).astype(np.float64).mean(axis=3)
-    assert np.allclose(mean.get_fdata()[..., 0], raw, atol=1e-3)
+    assert np.corrcoef(mean.get_fdata()[..., 0].ravel(), raw.ravel())[0, 1] > 0.99    # motion-corrected, same image
+    assert not list((out / "sub-errsm30").rglob("*_desc-mean_bold*"))                   # no plain mean beside it
     prob = nib.load(str(out / ERRSM_OUT).replace("_mask", "_probseg"))
     assert prob.get_data_dtype() == np.float32 and 0 <= prob.get_fdata().min() and prob.get_fdata().max() <= 1
 
@@ -80,6 +82,27 @@ def test_sidecars_explain_the_mask(full_run):
     assert meta["RunTimeSeconds"]["segment_s"] > 0
     mean_meta = sidecar(out / ERRSM_MEAN)
     assert mean_meta["RepetitionTime"] == 1.13 and mean_meta["VolumesAveraged"] == 30
+    assert meta["Input"]["Kind"].startswith("4D run (motion-corrected") and meta["RunTimeSeconds"]["moco_s"] > 0
+    motion = meta["Motion"]
+    assert motion["Volumes"] == 30 and 0 <= motion["FramewiseDisplacementMeanMM"] <= motion["FramewiseDisplacementMaxMM"]
+    assert meta["Outputs"]["motion"] == ERRSM_MOTION
+    table = (out / ERRSM_MOTION).read_text().splitlines()
+    assert len(table) == 31 and table[0].startswith("volume\tframewise_displacement_mm\tmean_translation_i_mm")
+    assert "translation_j_slice05_mm" in json.loads((out / ERRSM_MOTION.replace(".tsv", ".json")).read_text())
+
+
+def test_moco_none_and_3d_inputs_keep_the_plain_mean(example_bids, tmp_path):
+    out = tmp_path / "out"
+    done = run_app(example_bids, out, "participant", "--model-dir", DEMO_MODEL, "--skip-bids-validation",
+                   "--participant-label", "errsm30", "--moco", "none")
+    assert done.returncode == 0, done.stderr
+    plain = out / ERRSM_MEAN.replace("mocomean", "mean")
+    source = nib.load(example_bids / "sub-errsm30/ses-01/func/sub-errsm30_ses-01_task-rest_run-01_bold.nii.gz")
+    raw = np.asanyarray(source.dataobj).astype(np.float64).mean(axis=3)
+    assert np.allclose(nib.load(plain).get_fdata()[..., 0], raw, atol=1e-3)
+    meta = sidecar(out / ERRSM_OUT)
+    assert "Motion" not in meta and meta["Options"]["moco"] == "none" and not (out / ERRSM_MOTION).exists()
+    assert meta["Sources"][0] == "bids::" + ERRSM_MEAN.replace("mocomean", "mean")
 
 
 def test_output_passes_the_bids_validator(full_run):
@@ -176,7 +199,7 @@ def test_postprocessing_options_are_applied_and_recorded(example_bids, tmp_path)
     assert done.returncode == 0, done.stderr
     meta = sidecar(out / LEIPZIG_OUT)
     assert meta["Options"] == {"tta": False, "thr": 0.3, "largest": True, "fill_holes": True,
-                               "remove_small": [20.0, "mm3"], "device": "cpu", "save_probseg": False}
+                               "remove_small": [20.0, "mm3"], "moco": "slicewise", "device": "cpu", "save_probseg": False}
     assert [s.split(" ")[0] for s in meta["PostProcessing"]] == ["threshold", "keep", "fill", "remove"]
     assert meta["Metrics"]["components"] == 1
 
@@ -213,3 +236,12 @@ def test_work_dir_from_environment_and_option(tmp_path, monkeypatch):
     base = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant"]
     assert options_from_args(get_parser().parse_args(base)).work_dir == tmp_path / "scratch"
     assert options_from_args(get_parser().parse_args(base + ["-w", str(tmp_path / "w")])).work_dir == tmp_path / "w"
+
+
+def test_validate_once_command(example_bids):
+    done = run_app("validate", example_bids)
+    assert done.returncode == 0 and "BOLD_NOT_4D accepted" in done.stderr, done.stderr
+    (example_bids / "sub-brain01" / "func" / "notes about brain01.txt").write_text("not BIDS")
+    done = run_app("validate", example_bids)
+    assert done.returncode == 16 and "failed BIDS validation" in done.stderr
+    assert run_app("validate", example_bids / "nothing").returncode == 64

@@ -214,3 +214,28 @@ def test_network_threads_follow_the_options():
     assert network_threads(3, None, lambda: 6) == 3
     assert network_threads(None, 2, lambda: 6) == 2
     assert network_threads(8, 2, lambda: 6) == 2
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_omp_nthreads_is_the_thread_count_inside_the_network(tmp_path, threads):
+    """--omp-nthreads reaches the network's forward pass (nnunetv2 caps torch's threads while it
+    predicts) and is recorded in the mask sidecar."""
+    import torch
+
+    from episeg_bids import epi, model, segment
+    from episeg_bids.cli import get_parser, options_from_args
+    from episeg_bids.participant import Context
+
+    options = options_from_args(get_parser().parse_args(
+        [str(EXAMPLE), str(tmp_path / "out"), "participant", "--omp-nthreads", str(threads),
+         "--model-dir", str(DEMO_MODEL)]))
+    context = Context(options, model.locate_model(options.model_dir))
+    seen: list[int] = []
+    hook = context.predictor.network.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    try:
+        volume = epi.read_volume(SCT_RUN)
+        segment.segment_volume(context.predictor, volume.data, volume.affine, volume.zooms_mm)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {threads}
+    assert model.describe_predictor(context.predictor)["Threads"] == threads

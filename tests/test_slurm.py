@@ -147,7 +147,7 @@ def test_submit_sends_the_array_then_the_group_after_it(stub_bids, tmp_path):
     record = tmp_path / "record"
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record), "STUB_STDOUT": "4242;cluster1",
            "EPISEG_ARRAY_LIMIT": "2", "EPISEG_SBATCH_ARGS": "--account=abc --partition=cpu",
-           "EPISEG_ARRAY_SBATCH_ARGS": "--gpus=1"}
+           "EPISEG_ARRAY_SBATCH_ARGS": "--gpus=1", "EPISEG_SKIP_VALIDATION": "1"}
     done = run_script(SUBMIT, stub_bids, tmp_path / "out", "--tta", "--group", "--ground-truth", "/refs",
                       env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -242,6 +242,7 @@ def array_run(slurm, example) -> tuple[Path, Path, dict, list[dict], dict]:
                                 "--group", "--ground-truth", str(example / "derivatives" / "label")],
                                env=env, cwd=example.parent, capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
+    assert "validating" in submitted.stderr and "validator: 1 x BOLD_NOT_4D accepted" in submitted.stderr
     array_id, group_id = submitted.stdout.split()
     wait_for([array_id, group_id], slurm, out / "logs" / "slurm")
     print(f"SLURM array of 3 + group job: {time.monotonic() - started:.0f} s")
@@ -260,6 +261,8 @@ def test_every_task_and_the_group_job_succeed(array_run):
         log = (logs / f"episeg-{task['ArrayJobId']}_{task['ArrayTaskId']}.log").read_text()
         label = EXAMPLE_PARTICIPANTS[int(task["ArrayTaskId"])]
         assert f"task {task['ArrayTaskId']} = {label}" in log and "1 done, 0 skipped, 0 failed" in log
+        # validated once by submit.sh, not again in each task
+        assert "validated once by scripts/submit.sh" in log and "BIDS validation skipped" in log
 
 
 def test_work_folders_stay_on_node_local_scratch(array_run):
