@@ -123,13 +123,36 @@ PLAUSIBLE_AREA_MM2 = (20.0, 150.0)
 OUTLIER_Z = 3.5
 #: Fewer runs than this give no outlier flags: the median absolute deviation is meaningless.
 OUTLIER_MIN_RUNS = 5
+#: Smallest MAD used for the modified z-score, as a fraction of |median|. Without it the MAD
+#: collapses when the central runs are close (8 runs of one real dataset: 3 flagged, one of them
+#: the best run); healthy adult cord areas and volumes vary by about 10-15 % between people.
+OUTLIER_MAD_FLOOR = 0.05
+
+#: Components of a mask other than the main (largest) one that a reviewer should look at
+#: (:func:`describe_components`, flag ``components``). A component is a *speck*, never flagged,
+#: when it has fewer than :data:`COMPONENT_MIN_VOXELS` voxels or less than
+#: :data:`COMPONENT_MIN_VOLUME_MM3` mm³: one or two stray voxels change no measure and are common
+#: at the cord's border (a single 1×1×5 mm voxel is 5 mm³). Any other component is flagged when
+#: at least :data:`COMPONENT_MIN_DISTANCE_MM` mm of background separate its voxels from the main
+#: component's (distance between the voxels' edges, so thick slices do not push neighbours apart;
+#: the cerebrospinal fluid around the cord is a few mm wide, so this is beyond the cord's border:
+#: muscle, vertebra, vessels, the edge of the field of view), or when it holds at least
+#: :data:`COMPONENT_LARGE_FRACTION` of the main component's volume wherever it is (a second piece
+#: of cord: a broken or doubled cord). So a 20 mm³ blob 30 mm away is flagged; a speck, or a small
+#: piece touching the cord, is not; every component is listed in the QC report whatever the rule.
+COMPONENT_MIN_VOXELS = 2
+COMPONENT_MIN_VOLUME_MM3 = 10.0
+COMPONENT_MIN_DISTANCE_MM = 5.0
+COMPONENT_LARGE_FRACTION = 0.2
+#: Components listed by name in the ``components`` flag's message (all are in ``components``).
+COMPONENTS_IN_MESSAGE = 3
 
 #: The message of each automatic flag (one line, in sidecars and logs).
 FLAG_TEXT = {
     "empty": "the mask is empty: no spinal cord was found",
     "gaps": "slices without cord inside the covered range",
     "area": f"cord area outside {PLAUSIBLE_AREA_MM2[0]:g}-{PLAUSIBLE_AREA_MM2[1]:g} mm² on some slices",
-    "components": "the mask has more than one connected component",
+    "components": "mask components away from the cord worth a look",
     "edge": "the mask touches the in-plane edge of the field of view",
 }
 
@@ -140,26 +163,165 @@ FLAG_HELP = {
     "gaps": "Slices without cord between the first and the last slice with cord: the mask is interrupted.",
     "area": (f"A slice's cord area is outside {PLAUSIBLE_AREA_MM2[0]:g}–{PLAUSIBLE_AREA_MM2[1]:g} mm², the adult "
              "range (40–90 mm², Frostell et al. 2016; Kato et al. 2012) widened for EPI partial volume."),
-    "components": "More than one connected component (6-connectivity): islands outside the cord or a broken cord.",
-    "edge": "The mask touches the in-plane border of the field of view: the cord may be cut off.",
+    "components": (f"Parts of the mask apart from the cord (the largest component, 6-connectivity) that are worth a "
+                   f"look: at least {COMPONENT_MIN_VOXELS} voxels and {COMPONENT_MIN_VOLUME_MM3:g} mm³, and either "
+                   f"{COMPONENT_MIN_DISTANCE_MM:g} mm or more from the cord or at least "
+                   f"{COMPONENT_LARGE_FRACTION:.0%} of its volume. Specks touching the cord are not flagged; every "
+                   "component is listed with its slices under the run and drawn in the whole-field view (key w)."),
+    "edge": "The mask touches the in-plane border of the field of view on the slices named: the cord may be cut off.",
 }
+
+
+def _zooms_of(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel sizes in mm from the affine's column norms."""
+    return tuple(float(z) for z in np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0))
+
+
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components of the mask (6-connectivity), numbered by size.
+
+    Parameters
+    ----------
+    mask : (X, Y, Z) ndarray
+        Binary mask, on-disk voxel order.
+
+    Returns
+    -------
+    labels : (X, Y, Z) int32 ndarray
+        0 outside the mask; 1 for the largest component (the cord), 2 for the next largest...;
+        components of equal size in the order of their first voxel (C order).
+    n : int
+        Number of components.
+
+    Examples
+    --------
+    >>> labels, n = label_components(np.array([[[1, 0, 1, 1]]]))
+    >>> labels.ravel().tolist(), n
+    ([2, 0, 1, 1], 2)
+    """
+    raw, n = ndimage.label(np.asarray(mask) > 0)
+    if n < 2:
+        return raw.astype(np.int32), int(n)
+    sizes = np.bincount(raw.ravel())[1:]
+    first = np.full(n, raw.size)
+    flat = raw.ravel()
+    nonzero = np.flatnonzero(flat)
+    np.minimum.at(first, flat[nonzero] - 1, nonzero)
+    order = np.lexsort((first, -sizes))                    # largest first, then first voxel
+    renumber = np.zeros(n + 1, np.int32)
+    renumber[order + 1] = np.arange(1, n + 1, dtype=np.int32)
+    return renumber[raw], int(n)
+
+
+def describe_components(mask: np.ndarray, affine: np.ndarray, zooms_mm: tuple[float, float, float] | None = None,
+                        *, labels: tuple[np.ndarray, int] | None = None) -> list[dict[str, Any]]:
+    """Every connected component of the mask: where it is, how big, how far from the cord.
+
+    Parameters
+    ----------
+    mask : (X, Y, Z) ndarray
+        Binary mask, on-disk voxel order.
+    affine : (4, 4) ndarray
+        Voxel → scanner RAS+ mm.
+    zooms_mm : (3,) tuple of float, optional
+        Voxel size along X, Y, Z (default: the affine's column norms).
+    labels : tuple, optional
+        :func:`label_components` of the same mask, when the caller has it.
+
+    Returns
+    -------
+    list of dict
+        One per component, numbered as :func:`label_components` (``id`` 1 = the main, largest,
+        component): ``voxels``, ``volume_mm3``, ``first_slice``/``last_slice`` (voxel index along
+        :func:`slice_axis`; a 6-connected component covers every slice in between),
+        ``centroid_mm`` ([x, y, z], scanner RAS+), ``distance_mm`` (shortest distance between its
+        voxels and the main component's, voxel edge to voxel edge: 0 when they touch by an edge or
+        a corner), ``speck`` and ``flagged`` (see :data:`COMPONENT_MIN_VOXELS` and the rule there).
+    """
+    zooms = tuple(float(z) for z in (zooms_mm if zooms_mm is not None else _zooms_of(affine))[:3])
+    labelled, n = labels if labels is not None else label_components(mask)
+    if n == 0:
+        return []
+    ids = np.arange(1, n + 1)
+    voxels = np.bincount(labelled.ravel(), minlength=n + 1)[1:]
+    voxel_mm3 = float(np.prod(zooms))
+    centres = np.atleast_2d(np.asarray(ndimage.center_of_mass(np.ones(labelled.shape), labelled, ids), float))
+    world = centres @ np.asarray(affine, float)[:3, :3].T + np.asarray(affine, float)[:3, 3]
+    if n > 1:
+        # distance from the main component's voxel boxes = distance of voxel centres to the main
+        # component grown by one voxel in every direction (26-neighbourhood), with anisotropic voxels
+        grown = ndimage.binary_dilation(labelled == 1, structure=np.ones((3, 3, 3), bool))
+        distance = ndimage.distance_transform_edt(~grown, sampling=zooms)
+        gaps = np.asarray(ndimage.minimum(distance, labelled, ids), float).reshape(-1)
+    else:
+        gaps = np.zeros(1)
+    axis = slice_axis(affine)
+    boxes = ndimage.find_objects(labelled)
+    main_mm3 = float(voxels[0]) * voxel_mm3
+    table = []
+    for k in range(n):
+        volume = float(voxels[k]) * voxel_mm3
+        speck = int(voxels[k]) < COMPONENT_MIN_VOXELS or volume < COMPONENT_MIN_VOLUME_MM3
+        flagged = k > 0 and not speck and (gaps[k] >= COMPONENT_MIN_DISTANCE_MM
+                                           or volume >= COMPONENT_LARGE_FRACTION * main_mm3)
+        table.append({
+            "id": k + 1, "main": k == 0, "voxels": int(voxels[k]), "volume_mm3": round(volume, 3),
+            "first_slice": int(boxes[k][axis].start), "last_slice": int(boxes[k][axis].stop - 1),
+            "centroid_mm": [round(float(c), 2) for c in world[k]], "distance_mm": round(float(gaps[k]), 2),
+            "speck": bool(speck and k > 0), "flagged": bool(flagged),
+        })
+    return table
+
+
+def slice_range(first: int, last: int) -> str:
+    """``'7'`` or ``'7–9'``: a component's slices for messages and tables."""
+    return str(first) if first == last else f"{first}–{last}"
+
+
+def edge_slices(mask: np.ndarray, axis: int) -> list[int]:
+    """Slices (index along ``axis``) whose mask has voxels on the in-plane border (first/last
+    index of the two other axes)."""
+    binary = np.moveaxis(np.asarray(mask) > 0, axis, 0)
+    border = binary[:, 0, :].any(axis=1) | binary[:, -1, :].any(axis=1) | binary[:, :, 0].any(axis=1) \
+        | binary[:, :, -1].any(axis=1)
+    return np.flatnonzero(border).tolist()
 
 
 def edge_contact(mask: np.ndarray, axis: int) -> bool:
     """True when the mask has voxels on the in-plane border (first/last index of the two axes
     other than the slice ``axis``)."""
-    binary = np.moveaxis(np.asarray(mask) > 0, axis, 0)
-    return bool(binary[:, 0, :].any() or binary[:, -1, :].any() or binary[:, :, 0].any() or binary[:, :, -1].any())
+    return bool(edge_slices(mask, axis))
+
+
+def _component_words(item: dict[str, Any]) -> str:
+    return (f"#{item['id']} on slice{'s' if item['first_slice'] != item['last_slice'] else ''} "
+            f"{slice_range(item['first_slice'], item['last_slice'])} ({item['volume_mm3']:.4g} mm³, "
+            f"{item['distance_mm']:.1f} mm from the cord)")
 
 
 def quality_flags(mask: np.ndarray, affine: np.ndarray, rows: list[dict[str, Any]],
-                  summary_: dict[str, Any]) -> list[dict[str, Any]]:
+                  summary_: dict[str, Any], *, zooms_mm: tuple[float, float, float] | None = None,
+                  components: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Automatic QC flags of one mask, each ``{'code', 'message', 'slices'}``.
 
     Codes: ``empty``, ``gaps`` (slices without cord between the first and last covered slice),
-    ``area`` (a covered slice outside :data:`PLAUSIBLE_AREA_MM2`), ``components`` (more than
-    one, 6-connectivity) and ``edge`` (touches the in-plane field-of-view border). ``slices``
-    lists the slice indices concerned (empty when the flag is about the whole mask).
+    ``area`` (a covered slice outside :data:`PLAUSIBLE_AREA_MM2`), ``components`` (components a
+    reviewer should look at, rule at :data:`COMPONENT_MIN_VOXELS`; the flag also carries them as
+    ``components``, the :func:`describe_components` entries) and ``edge`` (touches the in-plane
+    field-of-view border). ``slices`` lists the slice indices concerned.
+
+    Parameters
+    ----------
+    mask : (X, Y, Z) ndarray
+        Binary mask, on-disk voxel order.
+    affine : (4, 4) ndarray
+        Voxel → scanner RAS+ mm.
+    rows, summary_ :
+        :func:`per_slice` and :func:`summary` of the same mask.
+    zooms_mm : (3,) tuple of float, optional
+        Voxel size along X, Y, Z (default: the affine's column norms).
+    components : list of dict, optional
+        :func:`describe_components` of the same mask, when the caller has it.
     """
     def flag(code: str, slices: list[int] | None = None, detail: str = "") -> dict[str, Any]:
         return {"code": code, "message": FLAG_TEXT[code] + detail, "slices": slices or []}
@@ -175,8 +337,18 @@ def quality_flags(mask: np.ndarray, affine: np.ndarray, rows: list[dict[str, Any
     odd = [r["slice"] for r in rows if r["voxels"] and not low <= r["area_mm2"] <= high]
     if odd:
         flags.append(flag("area", odd, f": slices {', '.join(map(str, odd))}"))
-    if summary_["components"] > 1:
-        flags.append(flag("components", detail=f" ({summary_['components']})"))
-    if edge_contact(mask, slice_axis(affine)):
-        flags.append(flag("edge"))
+    if summary_.get("components", 2) > 1:
+        if components is None:
+            components = describe_components(mask, affine, zooms_mm)
+        chosen = [c for c in components if c["flagged"]]
+        if chosen:
+            slices = sorted({s for c in chosen for s in range(c["first_slice"], c["last_slice"] + 1)})
+            words = "; ".join(_component_words(c) for c in chosen[:COMPONENTS_IN_MESSAGE])
+            more = len(chosen) - COMPONENTS_IN_MESSAGE
+            item = flag("components", slices, f": {words}" + (f"; and {more} more" if more > 0 else ""))
+            item["components"] = chosen
+            flags.append(item)
+    edge = edge_slices(mask, slice_axis(affine))
+    if edge:
+        flags.append(flag("edge", edge, f": slice{'s' if len(edge) > 1 else ''} {', '.join(map(str, edge))}"))
     return flags

@@ -72,3 +72,96 @@ def test_quality_flags_on_hand_made_masks():
     edge = good.copy()
     edge[0, 10, 1] = 1                                 # touches the x = 0 border
     assert "edge" in flags_of(edge)
+
+
+# --- components: where, how big, how far; which ones a reviewer should look at --------------------
+
+def cord_with(extra_voxels, shape=(60, 30, 5), zooms=(1.0, 1.0, 5.0)):
+    """A cylinder of radius 4 voxels around (x, y) = (10, 14.5) along z (x from 7 to 13), plus the
+    voxels given."""
+    mask = np.zeros(shape, np.uint8)
+    mask[:21, :, :] = cylinder((21, 30, shape[2]), 4, axis=2)[:, :, :]
+    for index in extra_voxels:
+        mask[index] = 1
+    return mask, np.diag([*zooms, 1.0]), zooms
+
+
+def test_label_components_numbers_by_size_then_position():
+    from episeg_bids.metrics import label_components
+    labels, n = label_components(np.array([[[1, 0, 1, 1, 0, 1]]]))
+    assert n == 3 and labels.ravel().tolist() == [2, 0, 1, 1, 0, 3]      # the pair first, then left to right
+
+
+def test_far_blob_is_flagged_with_its_slice_a_touching_speck_is_not():
+    from episeg_bids.metrics import describe_components, quality_flags
+    blob = [(x, y, 2) for x in (44, 45) for y in (15, 16)]              # 2×2×1 voxels of 1×1×5 mm = 20 mm³
+    speck = [(14, 18, 4)]                                                # touches the cord's (13, 17) by an edge
+    mask, affine, zooms = cord_with(blob + speck)
+    table = describe_components(mask, affine, zooms)
+    main, far, tiny = table
+    assert (main["id"], main["main"], main["first_slice"], main["last_slice"]) == (1, True, 0, 4)
+    # 30 voxels of 1 mm between the cord's last column (x = 13) and the blob's first (x = 44)
+    assert (far["voxels"], far["volume_mm3"], far["distance_mm"], far["flagged"]) == (4, 20.0, 30.0, True)
+    assert (far["first_slice"], far["last_slice"], far["centroid_mm"]) == (2, 2, [44.5, 15.5, 10.0])
+    assert (tiny["voxels"], tiny["speck"], tiny["flagged"], tiny["distance_mm"]) == (1, True, False, 0.0)
+    rows = per_slice(mask, affine, zooms)
+    flags = {f["code"]: f for f in quality_flags(mask, affine, rows, summary(mask, affine, zooms, rows))}
+    assert flags["components"]["slices"] == [2]
+    assert flags["components"]["message"].endswith(": #2 on slice 2 (20 mm³, 30.0 mm from the cord)")
+    assert [c["id"] for c in flags["components"]["components"]] == [2]
+
+
+def test_only_specks_near_the_cord_raise_no_flag():
+    from episeg_bids.metrics import quality_flags
+    mask, affine, zooms = cord_with([(16, 15, 1), (16, 16, 1), (3, 3, 3)])   # 10 mm³ 2 mm away; one far voxel
+    rows = per_slice(mask, affine, zooms)
+    s = summary(mask, affine, zooms, rows)
+    assert s["components"] == 3
+    assert "components" not in {f["code"] for f in quality_flags(mask, affine, rows, s)}
+
+
+def test_distance_is_between_voxel_edges_so_thick_slices_do_not_push_neighbours_away():
+    from episeg_bids.metrics import describe_components
+    zooms = (0.96, 0.96, 16.8)
+    mask = np.zeros((30, 30, 3), np.uint8)
+    mask[10:16, 10:16, 0:2] = 1                                          # the cord on slices 0 and 1
+    mask[17:19, 12:14, 2] = 1                                            # next slice, one voxel beside it in-plane
+    (_, fragment) = describe_components(mask, np.diag([*zooms, 1.0]), zooms)
+    assert fragment["distance_mm"] == pytest.approx(0.96)                # not 16.8: no slice between them
+    assert not fragment["flagged"]                                       # 2×2 voxels = 62 mm³ but close, small
+
+
+def test_a_second_large_piece_is_flagged_wherever_it_is():
+    from episeg_bids.metrics import describe_components
+    mask = np.zeros((30, 30, 6), np.uint8)
+    mask[10:16, 10:16, 0:3] = 1
+    mask[16:22, 10:16, 3:6] = 1                                          # the upper half, shifted: a broken cord
+    (_, piece) = describe_components(mask, np.diag([1.0, 1.0, 5.0, 1.0]), (1.0, 1.0, 5.0))
+    assert piece["distance_mm"] == 0.0 and piece["flagged"]              # half the volume of the main one
+
+
+def test_components_are_the_same_whatever_the_storage_order():
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+    from episeg_bids.metrics import describe_components
+    mask, affine, zooms = cord_with([(x, y, 2) for x in (44, 45) for y in (15, 16)] + [(30, 2, 0)])
+    affine = affine.copy()
+    affine[0, 0] = -1.0                                                  # LAS
+    transform = ornt_transform(io_orientation(affine), axcodes2ornt(("P", "I", "R")))
+    stored = apply_orientation(mask, transform)
+    stored_affine = affine @ inv_ornt_aff(transform, mask.shape)
+    stored_zooms = tuple(float(z) for z in np.linalg.norm(stored_affine[:3, :3], axis=0))
+
+    def key(table):
+        return sorted((c["voxels"], c["volume_mm3"], tuple(c["centroid_mm"]), c["distance_mm"], c["flagged"])
+                      for c in table)
+    original = describe_components(mask, affine, zooms)
+    assert key(describe_components(stored, stored_affine, stored_zooms)) == key(original)
+
+
+def test_edge_flag_names_its_slices():
+    from episeg_bids.metrics import quality_flags
+    mask, affine, zooms = cord_with([(0, 15, 3), (1, 15, 3), (2, 15, 3), (3, 15, 3), (4, 15, 3), (5, 15, 3)])
+    rows = per_slice(mask, affine, zooms)
+    flags = {f["code"]: f for f in quality_flags(mask, affine, rows, summary(mask, affine, zooms, rows),
+                                                 zooms_mm=zooms)}
+    assert flags["edge"]["slices"] == [3] and flags["edge"]["message"].endswith(": slice 3")

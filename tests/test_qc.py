@@ -14,13 +14,15 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from nibabel.orientations import (aff2axcodes, apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation,
                                   ornt_transform)
 
 from episeg_bids import derivatives as deriv
-from episeg_bids.atomic import write_json_atomic
+from episeg_bids.accuracy import per_slice_dice
+from episeg_bids.atomic import write_json_atomic, write_tsv_atomic
 from episeg_bids import metrics, qc
 from episeg_bids import qc_figures as fig
 
@@ -204,9 +206,14 @@ def test_tile_pixels_are_whole_factor_repeats_without_interpolation():
     image[2:4, 2:4, :] = 100.0
     mask = image > 0
     svg = fig.run_figures(image, mask, np.eye(4), (1, 1, 1), metrics.per_slice(mask, np.eye(4), (1, 1, 1)))["mosaic"]
-    data = re.search(r'base64,([A-Za-z0-9+/=]+)"', svg).group(1)
-    pixels = decode_grey_png(base64.b64decode(data))
+    cord_view, whole_view = (re.search(r'class="v-%s">.*?base64,([A-Za-z0-9+/=]+)"' % view, svg, re.S)
+                             for view in ("cord", "full"))
+    pixels = decode_grey_png(base64.b64decode(cord_view.group(1)))
     assert set(np.unique(pixels).tolist()) <= {0, 255}                   # two grey levels, no blur
+    assert whole_view is None                                            # it reuses the sprite in <defs>
+    sprite = decode_grey_png(base64.b64decode(re.search(r'<defs><image id="fov".*?base64,([A-Za-z0-9+/=]+)"',
+                                                        svg).group(1)))
+    assert sprite.shape == (2 * 6, 6) and set(np.unique(sprite).tolist()) <= {0, 255}   # slices stacked, no blur
 
 
 def test_figures_are_written_atomically_and_deterministically(tmp_path):
@@ -298,7 +305,9 @@ def test_dataset_report_lists_every_run_with_flags_figures_and_group_columns(tmp
     second = data["runs"][1]
     codes = [(f["code"], f["source"]) for f in second["flags"]]
     assert codes[-2:] == [("gaps", "run"), ("outlier_volume_mm3", "group")]
-    assert {"key": "z_volume_mm3", "label": "z_volume_mm3", "numeric": True, "extra": True} in data["columns"]
+    (column,) = [c for c in data["columns"] if c["key"] == "z_volume_mm3"]
+    assert (column["label"], column["numeric"], column["table"], column["extra"]) == ("z vol.", True, True, True)
+    assert ["z vol.", "3.9"] in second["metrics"]                          # and in the viewer's metrics
     for href in second["figures"].values():                               # rebuilt from the files on disk
         assert (tmp_path / "qc" / href.replace("%20", " ")).resolve().is_file()
     assert "outlier_volume_mm3" in report.read_text().split('id="qc-data"')[0]   # in the legend
@@ -331,3 +340,120 @@ def test_concurrent_writers_leave_a_complete_report(tmp_path):
     assert html.rstrip().endswith("</html>") and len(embedded_data(html)["runs"]) == 3
     assert len(html) in sizes
     assert not [p for p in (tmp_path / "qc").iterdir() if p.name.startswith(".index")]   # no temp file left
+
+
+# --- components, manual mask, group results, motion, confidence ---------------------------------
+
+def test_whole_field_view_rings_a_far_component_on_its_slice():
+    image = np.random.default_rng(3).normal(100, 5, (40, 40, 4))
+    mask = np.zeros(image.shape, np.uint8)
+    mask[18:23, 18:23, :] = 1
+    mask[36:38, 2:4, 1] = 1                                              # 2×2×1 voxels of 1×1×5 mm, far
+    affine, zooms = np.diag([1.0, 1.0, 5.0, 1.0]), (1.0, 1.0, 5.0)
+    rows = metrics.per_slice(mask, affine, zooms)
+    flags = metrics.quality_flags(mask, affine, rows, metrics.summary(mask, affine, zooms, rows))
+    svg = fig.run_figures(image, mask, affine, zooms, rows, flags)["mosaic"]
+    assert all(f'<g id="{name}"/>' in svg for name in ("contour", "fill-full", "none-full-noref"))
+    assert svg.count("<svg x=") == 4                                     # one whole-field viewport per slice
+    assert svg.count('class="ring flagged"') == 1 and ">#2</text>" in svg   # on slice 1 only
+    assert svg.count('<rect class="crop"') == 4                          # the 30 mm window in each
+    assert 'class="ov-contour other"' in svg                             # drawn in the other components' colour
+    assert ">components</text>" in svg                                   # the flag code on its tile
+
+
+def write_manual(output_dir: Path, mask_path: Path, shift: int) -> Path:
+    """A manual mask on the run's grid: the run's mask moved ``shift`` voxels along x."""
+    img = nib.load(mask_path)
+    truth = np.roll(np.asarray(img.dataobj), shift, axis=0)
+    path = output_dir.parent / "manual" / mask_path.name.replace("space-orig_label-SC_mask", "desc-spinalcordmask")
+    deriv.write_nifti_atomic(truth, path, dtype=np.uint8, geometry=img.header)
+    return path
+
+
+def test_manual_mask_drawn_with_per_slice_dice_then_removed(tmp_path):
+    out = tmp_path / "out"
+    mask_path = write_run(out, "01")
+    key = mask_path.relative_to(out).as_posix()
+    truth = write_manual(out, mask_path, 1)
+    qc.write_dataset_report(out, extra={key: {"columns": {"dice": 0.8, "hd95_mm": 1.0, "z_volume_mm3": -3.8},
+                                              "flags": [{"code": "outlier_volume_mm3", "message": "small"}],
+                                              "ground_truth": str(truth)}})
+    mosaic = deriv.figure_paths(out, mask_path)["mosaic"]
+    svg = mosaic.read_text()
+    assert '<path class="ref"' in svg
+    pred, ref = np.asarray(nib.load(mask_path).dataobj), np.asarray(nib.load(truth).dataobj)
+    expected = per_slice_dice(pred, ref, 2)
+    assert [r["slice"] for r in expected] == [1, 2, 3]
+    for row in expected:
+        assert f">Dice {row['dice']:.2f}</text>" in svg
+    data = embedded_data((out / "qc" / "index.html").read_text())
+    assert data["runs"][0]["reference"] == truth.name and data["runs"][0]["cells"]["dice"] == 0.8
+    # a participant job later: the subject page keeps the group's results and the manual mask
+    html = qc.write_subject_page(out, "01").read_text()
+    assert 'id="reference-toggle"' in html and f"manual mask <code>{truth.name}</code>" in html
+    assert "<dt>Dice</dt><dd>0.8</dd>" in html and "<dt>HD95 mm</dt><dd>1</dd>" in html
+    assert "<dt>z vol.</dt><dd>-3.8</dd>" in html
+    assert '<span class="chip group">outlier_volume_mm3</span> small (group level)' in html
+    # a group level without --ground-truth: the figure is drawn again without it
+    qc.write_dataset_report(out, extra={key: {"columns": {}, "flags": []}})
+    assert 'class="ref"' not in mosaic.read_text() and "Dice" not in mosaic.read_text()
+    assert 'id="reference-toggle"' not in qc.write_subject_page(out, "01").read_text()
+
+
+def test_group_results_of_a_recomputed_mask_are_not_shown(tmp_path):
+    mask_path = write_run(tmp_path, "01")
+    key = mask_path.relative_to(tmp_path).as_posix()
+    qc.write_dataset_report(tmp_path, extra={key: {"columns": {"z_volume_mm3": 4.2},
+                                                   "flags": [{"code": "outlier_volume_mm3", "message": "big"}]}})
+    sidecar = deriv.sidecar_of(mask_path)
+    meta = json.loads(sidecar.read_text())
+    meta["DateProcessed"] = "2999-01-01T00:00:00+00:00"                  # the participant level ran again since
+    write_json_atomic(meta, sidecar)
+    data = embedded_data(qc.write_dataset_report(tmp_path).read_text())
+    assert data["runs"][0]["cells"].get("z_volume_mm3") is None
+    assert [f["code"] for f in data["runs"][0]["flags"]] == []
+
+
+def test_motion_table_is_plotted_on_the_subject_page(tmp_path):
+    mask_path = write_run(tmp_path, "01")
+    table = "sub-01/func/sub-01_task-rest_desc-moco_timeseries.tsv"
+    fd = [0.0, 0.1, 0.7, 0.2, "n/a"]
+    write_tsv_atomic([{"volume": t, "framewise_displacement_mm": fd[t], "mean_translation_x_mm": 0.1 * t,
+                       "mean_translation_y_mm": -0.05 * t, "max_displacement_mm": 0.2 * t,
+                       "translation_x_slice00_mm": 0.1 * t} for t in range(5)], tmp_path / table)
+    sidecar = deriv.sidecar_of(mask_path)
+    meta = json.loads(sidecar.read_text())
+    meta["Outputs"] = {"motion": table}
+    meta["Motion"] = {"FramewiseDisplacementMeanMM": 0.25, "FramewiseDisplacementMaxMM": 0.7,
+                      "HighMotionVolumes": [2], "ThresholdMM": 0.5}
+    meta["Metrics"]["confidence"] = 0.42
+    write_json_atomic(meta, sidecar)
+    html = qc.write_subject_page(tmp_path, "01").read_text()
+    plot = re.search(r'<img class="fig" src="data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)"', html)
+    svg = base64.b64decode(plot.group(1)).decode()
+    assert svg.count("<polyline") == 3 and ">along x</text>" in svg and ">along y</text>" in svg
+    assert svg.count('r="3" fill="#ff3030"') == 1                        # volume 2, above 0.5 mm
+    assert "<dt>High-motion volumes</dt><dd>1 (FD &gt; 0.5 mm): 2</dd>" in html
+    assert "<dt>Confidence</dt><dd>0.420 (0–1, higher = more certain)</dd>" in html
+    data = embedded_data(qc.write_dataset_report(tmp_path).read_text())
+    columns = {c["key"]: c for c in data["columns"]}
+    assert columns["confidence"]["numeric"] and columns["fd_max_mm"]["numeric"]
+    assert (data["runs"][0]["cells"]["confidence"], data["runs"][0]["cells"]["fd_max_mm"]) == (0.42, 0.7)
+    assert "data:image/svg" not in (tmp_path / "qc" / "index.html").read_text()   # plotted on the subject page only
+
+
+def test_legend_explains_every_code_and_tolerates_unknown_ones(tmp_path):
+    write_run(tmp_path, "01", flags_extra=[{"code": "newer", "message": "from a later version", "slices": []}])
+    html = qc.write_dataset_report(tmp_path).read_text().split('id="qc-data"')[0]
+    for code in ("geometry", "timing", "empty", "gaps", "area", "components", "edge", "motion"):
+        assert f'<dt><span class="chip">{code}</span></dt>' in html
+    assert '<dt><span class="chip">newer</span></dt><dd>Flag of another episeg-bids version.</dd>' in html
+
+
+def test_columns_with_one_value_for_every_run_are_named_above_the_table(tmp_path):
+    write_run(tmp_path, "01")
+    write_run(tmp_path, "02")
+    data = embedded_data(qc.write_dataset_report(tmp_path).read_text())
+    keys = [c["key"] for c in data["columns"] if c["table"]]
+    assert "task" not in keys and {"label": "Task", "value": "rest"} in data["constant"]
+    assert keys[:2] == ["subject", "flag_codes"]

@@ -9,7 +9,8 @@
   const STATES = ['pass', 'fail', 'artifact'];
   const SYMBOL = { pass: '✔', fail: '✘', artifact: '⚠' };
   const LABEL = { pass: 'Pass', fail: 'Fail', artifact: 'Artifact' };
-  const COLUMNS = [{ key: 'qc', label: 'QC' }, { key: 'rank', label: 'Rank', numeric: true }].concat(data.columns);
+  const COLUMNS = [{ key: 'qc', label: 'QC', title: 'your rating' }, { key: 'rank', label: 'Rank', numeric: true,
+    title: 'your rank, 0–9' }].concat(data.columns.filter((c) => c.table));
   const $ = (id) => document.getElementById(id);
   const tbody = document.querySelector('#runs tbody');
   const rowEls = [];
@@ -18,6 +19,8 @@
   let current = runs.length ? 0 : -1;
   let overlay = 'contour';
   let overlayOn = true;
+  let wholeField = false;
+  let referenceOn = true;
   let sortKey = null;
   let sortDir = 1;
 
@@ -74,6 +77,7 @@
     if (v === null || v === undefined || v === '') return '';
     if (typeof v === 'number') {
       if (Number.isInteger(v)) return String(v);
+      if (Math.abs(v) >= 1000) return v.toFixed(0);
       return Math.abs(v) >= 100 ? v.toFixed(1) : v.toFixed(2);
     }
     return String(v);
@@ -88,7 +92,7 @@
       const button = document.createElement('button');
       button.type = 'button';
       button.textContent = col.label;
-      button.title = 'Sort by ' + col.label;
+      button.title = 'Sort by ' + col.label + (col.title ? ': ' + col.title : '');
       button.addEventListener('click', () => sortBy(col.key));
       th.appendChild(button);
       head.appendChild(th);
@@ -113,12 +117,22 @@
     const r = rating(i);
     COLUMNS.forEach((col, c) => {
       const td = tr.children[c];
-      if (col.key === 'qc') {
-        td.textContent = r.qc ? SYMBOL[r.qc] + ' ' + LABEL[r.qc] + (isStale(i) ? ' ↻' : '') : '';
-        td.title = isStale(i) ? 'rated before the mask was recomputed' : '';
+      if (col.key === 'qc') {  // the symbol shows, the word is for screen readers and the tooltip
+        td.replaceChildren();
+        if (r.qc) {
+          const symbol = document.createElement('span');
+          symbol.setAttribute('aria-hidden', 'true');
+          symbol.textContent = SYMBOL[r.qc] + (isStale(i) ? '↻' : '');
+          const word = document.createElement('span');
+          word.className = 'visually-hidden';
+          word.textContent = LABEL[r.qc];
+          td.append(symbol, word);
+        }
+        td.title = r.qc ? LABEL[r.qc] + (isStale(i) ? ': rated before the mask was recomputed' : '') : '';
       } else {
-        td.textContent = format(value(i, col.key));
-        td.title = td.textContent;
+        td.title = format(value(i, col.key));
+        // long flag codes may wrap after their underscores (a zero-width space), never inside a word
+        td.textContent = col.key === 'flag_codes' ? td.title.replace(/_/g, '_\u200b') : td.title;
       }
     });
     tr.className = r.qc ? 'qc-' + r.qc : '';
@@ -127,7 +141,7 @@
   function haystack(i) {
     const run = runs[i];
     const parts = [run.title, run.key, run.input, run.task_name, value(i, 'qc'), LABEL[value(i, 'qc')]];
-    for (const col of data.columns) parts.push(format(run.cells[col.key]));
+    for (const cell of Object.values(run.cells)) parts.push(format(cell));
     for (const flag of run.flags) parts.push(flag.code, flag.message);
     return parts.filter(Boolean).join(' ').toLowerCase();
   }
@@ -204,7 +218,10 @@
     notice('Every run shown is rated.');
   }
 
-  function figureSrc(href) { return href + '#' + (overlayOn ? overlay : 'none'); }
+  // the figures' URL fragment: <overlay>[-full][-noref] (see episeg_bids.qc_figures)
+  function figureSrc(href) {
+    return href + '#' + (overlayOn ? overlay : 'none') + (wholeField ? '-full' : '') + (referenceOn ? '' : '-noref');
+  }
 
   function renderFigures() {
     const run = runs[current];
@@ -218,6 +235,32 @@
     figs.hidden = !run.figures;
     $('v-missing').hidden = Boolean(run.figures);
     $('v-missing').textContent = run.missing || '';
+    $('v-full').setAttribute('aria-pressed', String(wholeField));
+    $('v-reference').hidden = !run.reference;
+    $('v-reference').setAttribute('aria-pressed', String(referenceOn));
+    $('v-reference-legend').hidden = !run.reference || !referenceOn;
+    $('v-reference-name').textContent = run.reference || '';
+  }
+
+  function renderComponents(run) {
+    const box = $('v-components');
+    const body = box.querySelector('tbody');
+    body.replaceChildren();
+    box.hidden = !run.components.length;
+    for (const c of run.components) {
+      const tr = document.createElement('tr');
+      if (c.flagged) tr.className = 'flagged';
+      for (const [text, numeric] of [['#' + c.id, false], [c.slices, false], [c.centroid, false], [c.voxels, true],
+        [c.volume, true], [c.distance, true], [c.status, false]]) {
+        const td = document.createElement('td');
+        td.textContent = String(text);
+        if (numeric) td.className = 'num';
+        tr.appendChild(td);
+      }
+      body.appendChild(tr);
+    }
+    $('v-components-more').textContent = run.components_more
+      ? 'and ' + run.components_more + ' other component(s), the cord included: the subject page lists them all' : '';
   }
 
   function renderViewer() {
@@ -268,15 +311,8 @@
       dd.textContent = text;
       dl.append(dt, dd);
     }
-    for (const col of data.columns.filter((c) => c.extra)) {
-      if (run.cells[col.key] === null || run.cells[col.key] === undefined) continue;
-      const dt = document.createElement('dt');
-      dt.textContent = col.label;
-      const dd = document.createElement('dd');
-      dd.textContent = format(run.cells[col.key]);
-      dl.append(dt, dd);
-    }
     $('v-page').href = run.page;
+    renderComponents(run);
     renderFigures();
   }
 
@@ -366,6 +402,10 @@
     reader.readAsText(file);
   }
 
+  function toggleWholeField() { wholeField = !wholeField; renderFigures(); }
+
+  function toggleReference() { referenceOn = !referenceOn; renderFigures(); }
+
   function toggleHelp(show) {
     $('help').hidden = show === undefined ? !$('help').hidden : !show;
   }
@@ -389,6 +429,8 @@
     else if (key === 'ArrowUp' || key === 'k') move(-1);
     else if (key === 'ArrowRight') { overlayOn = !overlayOn; renderFigures(); }
     else if (key === 'c') { overlay = overlay === 'fill' ? 'contour' : 'fill'; overlayOn = true; renderFigures(); }
+    else if (key === 'w') toggleWholeField();
+    else if (key === 'g') toggleReference();
     else if (key === 'f') cycle();
     else if (/^[0-9]$/.test(key)) rate({ rank: Number(key) });
     else if (key === 'x' || key === 'Delete' || key === 'Backspace') rate({ qc: null, rank: null });
@@ -413,6 +455,8 @@
     event.target.value = '';
   });
   $('help-button').addEventListener('click', () => toggleHelp());
+  $('v-full').addEventListener('click', toggleWholeField);
+  $('v-reference').addEventListener('click', toggleReference);
   $('help').addEventListener('click', () => toggleHelp(false));
   document.addEventListener('keydown', onKey);
   const linked = runs.findIndex((run) => '#' + encodeURIComponent(run.key) === window.location.hash);
