@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DEMO := build/demo
 
-.PHONY: setup demo test model clean image sif slurm-up slurm-down
+.PHONY: setup test-deps demo test model clean image sif slurm-up slurm-down
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' episeg_bids/__init__.py)
 
 setup: $(VENV)/.installed
@@ -25,7 +25,10 @@ demo: setup
 	@echo
 	@echo "Outputs: $(DEMO)/out  (masks and sidecars under sub-*/func/, group_bold.tsv, group_bold.json)"
 
-test: setup
+test-deps:
+	scripts/ci/test_deps.sh
+
+test: test-deps setup
 	$(PY) -m pytest
 
 model: setup

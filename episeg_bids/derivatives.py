@@ -4,15 +4,19 @@ This module is the only owner of what a run leaves on disk. For a source
 ``sub-01/ses-01/func/sub-01_ses-01_task-rest_run-01_bold.nii.gz`` the outputs are, under
 ``OUT/sub-01/ses-01/func/`` (REFERENCE §4)::
 
-    sub-01_ses-01_task-rest_run-01_desc-mean_bold.nii.gz        temporal mean (4D input only)
+    sub-01_ses-01_task-rest_run-01_desc-mean_boldref.nii.gz     temporal mean (4D input only), 3D
+    sub-01_ses-01_task-rest_run-01_desc-mocomean_boldref.nii.gz  ... after motion correction
+    sub-01_ses-01_task-rest_run-01_desc-moco_timeseries.tsv      motion table
     sub-01_ses-01_task-rest_run-01_space-orig_label-SC_mask.nii.gz      binary cord mask (ROI)
     sub-01_ses-01_task-rest_run-01_space-orig_label-SC_probseg.nii.gz   foreground probability
     sub-01_ses-01_task-rest_run-01_space-orig_label-SC_morph.tsv        per-slice metrics
 
 each with its JSON sidecar. ``space-orig`` means the source image's own grid: every image is
 written with the input's own header geometry (pixdim, qform and sform with their codes, units),
-so every tool sees the grid the input has. The mask sidecar is written last and lists the other
-outputs: it marks a complete run, and :class:`RunRecord` (read by the rerun check, the QC report
+so every tool sees the grid the input has. The mean of a 4D run is a 3D image named as
+fMRIPrep's ``boldref`` (listed in ``.bidsignore``: a 3D ``_bold`` file is invalid BIDS and the
+validator does not cover ``boldref``), so SCT and other 3D-only tools read it directly. The mask
+sidecar is written last and lists the other outputs: it marks a complete run, and :class:`RunRecord` (read by the rerun check, the QC report
 and the group level) is read from it alone.
 """
 
@@ -36,7 +40,7 @@ from .atomic import json_text, locked, replace, temporary_sibling, write_bytes_a
 from .errors import EpisegError, InputImageError, OutputError
 
 #: Bumped when the meaning of the outputs changes, so older outputs are recomputed on a rerun.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 #: BIDS entity order (BIDS specification, "Entity table"), short keys.
 ENTITY_ORDER = (
@@ -131,8 +135,8 @@ def run_outputs(output_dir: Path, relpath: str) -> RunOutputs:
     source = Path(relpath)
     try:
         names = {
-            "mean": derivative_name(source.name, entities={"desc": "mean"}, suffix="bold", extension=".nii.gz"),
-            "mocomean": derivative_name(source.name, entities={"desc": "mocomean"}, suffix="bold",
+            "mean": derivative_name(source.name, entities={"desc": "mean"}, suffix="boldref", extension=".nii.gz"),
+            "mocomean": derivative_name(source.name, entities={"desc": "mocomean"}, suffix="boldref",
                                         extension=".nii.gz"),
             "motion": derivative_name(source.name, entities={"desc": "moco"}, suffix="timeseries", extension=".tsv"),
             **{kind: derivative_name(source.name, entities={"space": "orig", "label": "SC"}, suffix=kind,
@@ -305,22 +309,26 @@ def readme_text(model_name: str, is_demo: bool) -> str:
 Spinal-cord masks of EPI-BOLD fMRI made by episeg-bids with {made_by}, run the way Spinal Cord
 Toolbox's `sct_deepseg sc_epi` runs it. Per input image (4D run or 3D mean EPI):
 
-- `*_desc-mean_bold.nii.gz`: temporal mean of a 4D run, stored as one volume (X, Y, Z, 1);
+- `*_desc-mean_boldref.nii.gz` (or `*_desc-mocomean_boldref.nii.gz` after motion correction): the
+  temporal mean of a 4D run, a 3D image on the run's grid that SCT, FSL and ANTs read directly;
+- `*_desc-moco_timeseries.tsv`: per-volume, per-slice in-plane translations (motion correction);
 - `*_space-orig_label-SC_mask.nii.gz`: binary cord mask (uint8) on the input's grid;
 - `*_space-orig_label-SC_probseg.nii.gz`: foreground probability (with --save-probseg);
 - `*_space-orig_label-SC_morph.tsv`: per-slice cord area (mm2) and centroid (mm);
 - JSON sidecars: inputs (bids:raw: URIs), model and checksums, options, versions, metrics.
 
 Failed runs leave a crash file under `sub-<label>/log/`. Files that the BIDS specification does
-not cover (per-slice tables, logs, QC pages, group tables) are listed in `.bidsignore`.
+not cover (3D means, motion and per-slice tables, logs, QC pages, group tables) are listed in
+`.bidsignore`.
 """
 
 
 #: Outputs outside the BIDS specification, for the validator's ``.bidsignore``.
-#: The motion table is named as fMRIPrep names its confounds (``desc-<label>_timeseries.tsv``), which
-#: bids-validator-deno 3.0 reports as NOT_INCLUDED, so it is listed too.
-BIDSIGNORE = ("*_morph.tsv", "*_morph.json", "*_timeseries.tsv", "*_timeseries.json", "sub-*/log", "sub-*/figures",
-              "*.html", "qc", "group_*", "log")
+#: The 3D means are fMRIPrep's ``boldref`` images and the motion table is named as fMRIPrep names its
+#: confounds (``desc-<label>_timeseries.tsv``); bids-validator-deno 3.0 reports both as NOT_INCLUDED
+#: (and a 3D ``_bold`` as BOLD_NOT_4D), so they are listed here.
+BIDSIGNORE = ("*_boldref.nii.gz", "*_boldref.json", "*_morph.tsv", "*_morph.json", "*_timeseries.tsv",
+              "*_timeseries.json", "sub-*/log", "sub-*/figures", "*.html", "qc", "group_*", "log")
 
 
 def write_dataset_files(output_dir: Path, bids_dir: Path, container: dict[str, str] | None, *,
@@ -354,16 +362,16 @@ def provenance(versions: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def mean_sidecar(*, source_uri: str, task_name: str, tr_s: float, n_volumes: int, nonfinite: int,
+def mean_sidecar(*, source_uri: str, task_name: str, tr_s: float | None, n_volumes: int, nonfinite: int,
                  versions: dict[str, str], motion_corrected: bool = False) -> dict[str, Any]:
-    """Sidecar of the temporal mean (a ``_bold`` file: TaskName and RepetitionTime required)."""
+    """Sidecar of the temporal mean (a 3D ``boldref`` image, as fMRIPrep's)."""
     what = "Motion-corrected temporal mean" if motion_corrected else "Temporal mean"
     return {
         **provenance(versions),
-        "Description": f"{what} of {n_volumes} volumes (NaN/Inf samples excluded), stored as one volume (X, Y, Z, 1)",
+        "Description": f"{what} of {n_volumes} volumes (NaN/Inf samples excluded), a 3D image on the run's grid",
         "Sources": [source_uri],
         "TaskName": task_name,
-        "RepetitionTime": tr_s,
+        **({"RepetitionTime": tr_s} if tr_s else {}),
         "SkullStripped": False,
         "VolumesAveraged": n_volumes,
         "NonFiniteValues": nonfinite,
@@ -418,6 +426,9 @@ def morph_sidecar(mask_uri: str, axis: int) -> dict[str, Any]:
         "centroid_x_mm": {"Description": "Centroid, scanner RAS+ x", "Units": "mm"},
         "centroid_y_mm": {"Description": "Centroid, scanner RAS+ y", "Units": "mm"},
         "centroid_z_mm": {"Description": "Centroid, scanner RAS+ z", "Units": "mm"},
+        "confidence": {"Description": "The network's expected Dice of the slice, 2 sum_mask(p) / (|mask| + sum(p)) "
+                                      "with p the foreground probability; n/a where the slice holds no cord "
+                                      "(episeg_bids.confidence)"},
     }
 
 

@@ -29,10 +29,11 @@ from . import derivatives as deriv
 from . import qc
 from .accuracy import compare
 from .atomic import locked, write_json_atomic, write_tsv_atomic
+from .confidence import DESCRIPTION as CONFIDENCE_DESCRIPTION
 from .derivatives import printable
 from .errors import NothingSelected
 from .layout import Run
-from .metrics import OUTLIER_MIN_RUNS, OUTLIER_Z
+from .metrics import OUTLIER_MAD_FLOOR, OUTLIER_MIN_RUNS, OUTLIER_Z
 from .model import sha256_file
 from .options import Options
 
@@ -61,7 +62,10 @@ def done_row(record: deriv.RunRecord) -> dict[str, Any]:
         "kind": "run" if (inputs.get("VolumesAveraged") or 1) > 1 else "mean",
         "volumes_averaged": inputs.get("VolumesAveraged"),
         **{k: metrics.get(k) for k in ("voxels", "volume_mm3", "mean_area_mm2", "n_slices", "slices_with_cord",
-                                       "first_slice", "last_slice", "components")},
+                                       "first_slice", "last_slice", "components", "confidence",
+                                       "confidence_worst_slice")},
+        "fd_mean_mm": _dict(record.meta.get("Motion")).get("FramewiseDisplacementMeanMM"),
+        "fd_max_mm": _dict(record.meta.get("Motion")).get("FramewiseDisplacementMaxMM"),
         "flags": ",".join(str(f.get("code")) for f in record.flags),
         "model": model.get("Name"),
         "model_demo": model.get("IsDemoModel"),
@@ -141,8 +145,10 @@ def reconcile(output_dir: Path, bids_dir: Path, runs: list[Run]) -> Reconciliati
 
 
 def robust_z(values: list[float | None]) -> list[float | None]:
-    """Modified z-scores ``0.6745 (x − median) / MAD`` (None stays None; all 0 when MAD is 0;
-    all None with fewer than :data:`OUTLIER_MIN_RUNS` values).
+    """Modified z-scores ``0.6745 (x − median) / MAD`` (None stays None; all None with fewer than
+    :data:`OUTLIER_MIN_RUNS` values). The MAD is at least :data:`OUTLIER_MAD_FLOOR` × |median|, so a
+    tight cluster (runs of one participant, say) does not turn ordinary differences into outliers:
+    with the floor at 5 %, only values more than about 26 % from the median can reach |z| > 3.5.
 
     Examples
     --------
@@ -153,7 +159,7 @@ def robust_z(values: list[float | None]) -> list[float | None]:
     if len(present) < OUTLIER_MIN_RUNS:
         return [None for _ in values]
     median = statistics.median(present)
-    mad = statistics.median(abs(v - median) for v in present)
+    mad = max(statistics.median(abs(v - median) for v in present), OUTLIER_MAD_FLOOR * abs(median))
     if mad == 0:
         return [None if v is None else 0.0 for v in values]
     return [None if v is None else round(0.6745 * (v - median) / mad, 4) for v in values]
@@ -258,10 +264,12 @@ def summarise(rows: list[dict[str, Any]], with_accuracy: bool, orphaned: list[st
                     for r in rows if r["status"] != "done"],
         "Orphaned": list(orphaned or []),
         "FlagCounts": flags,
-        "Metrics": {c: describe([r.get(c) for r in done]) for c in ("volume_mm3", "mean_area_mm2", "slices_with_cord")},
+        "Metrics": {c: describe([r.get(c) for r in done]) for c in ("volume_mm3", "mean_area_mm2", "slices_with_cord",
+                                                                    "confidence", "fd_mean_mm")},
+        "ConfidenceDefinition": CONFIDENCE_DESCRIPTION,
         "Models": sorted({f"{r['model']} ({'DEMO' if r['model_demo'] else r['model_sha256'][:12]})" for r in done}),
-        "OutlierRule": f"|modified z| > {OUTLIER_Z} for {', '.join(OUTLIER_COLUMNS)} "
-                       f"(needs at least {OUTLIER_MIN_RUNS} runs)",
+        "OutlierRule": f"|modified z| > {OUTLIER_Z} for {', '.join(OUTLIER_COLUMNS)}, the MAD floored at "
+                       f"{OUTLIER_MAD_FLOOR:g} x |median| (needs at least {OUTLIER_MIN_RUNS} runs)",
     }
     if with_accuracy:
         scored = [r for r in done if r.get("dice") is not None or r.get("dice_common") is not None]
@@ -332,16 +340,22 @@ def group(options: Options) -> int:
 
 
 def _write_report(output_dir: Path, rows: list[dict[str, Any]]) -> None:
-    """Every subject page and the dataset QC report, with the group columns and outlier flags."""
-    for subject in sorted({r["participant_id"][4:] for r in rows if r["status"] == "done" and r["participant_id"]}):
-        try:
-            qc.write_subject_page(output_dir, subject)
-        except Exception as err:  # one page must not cost the others or the tables
-            log.warning("QC page of %s not written (%s: %s)", printable(subject), type(err).__name__, err)
+    """The dataset QC report and every subject page, with the group columns, outlier flags and,
+    for runs with a manual mask on their grid, that mask (drawn with ours, per-slice Dice)."""
     extra = {}
     for row in rows:
         if row["status"] != "done":
             continue
         columns = {k: row.get(k) for k in ("z_volume_mm3", "z_mean_area_mm2", *ACCURACY_COLUMNS) if row.get(k) is not None}
         extra[row["mask"]] = {"columns": columns, "flags": row.get("group_flags", [])}
-    qc.write_dataset_report(output_dir, extra=extra)
+        if row.get("ground_truth") and not row.get("accuracy_error"):
+            extra[row["mask"]]["ground_truth"] = str(Path(row["ground_truth"]).resolve())
+    try:  # the report redraws the figures of runs with a manual mask, then the pages link them
+        qc.write_dataset_report(output_dir, extra=extra)
+    except Exception as err:  # the tables are written; a report problem must not fail the group level
+        log.warning("QC report not written (%s: %s)", type(err).__name__, err)
+    for subject in sorted({r["participant_id"][4:] for r in rows if r["status"] == "done" and r["participant_id"]}):
+        try:
+            qc.write_subject_page(output_dir, subject, extra=extra)
+        except Exception as err:  # one page must not cost the others or the tables
+            log.warning("QC page of %s not written (%s: %s)", printable(subject), type(err).__name__, err)

@@ -33,7 +33,7 @@ import numpy as np
 
 from . import __version__
 from . import derivatives as deriv
-from . import epi, layout, metrics, moco, model, postprocess, qc, segment, validate
+from . import confidence, epi, layout, metrics, moco, model, postprocess, qc, segment, validate
 from .atomic import json_text, locked, write_json_atomic, write_tsv_atomic
 from .derivatives import printable
 from .errors import InputImageError, NothingSelected
@@ -223,6 +223,7 @@ class InputState:
     fingerprint: str
     lock: ExitStack
     started: float
+    previous_outputs: set[str] = field(default_factory=set)
     volume: epi.EpiVolume | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -245,6 +246,7 @@ class Segmented:
     timings: dict[str, float]
     motion: moco.MotionCorrection | None = None
     motion_slices: np.ndarray | None = None
+    previous_outputs: set[str] = field(default_factory=set)
 
 
 def open_input(run: layout.Run, context: Context) -> InputState:
@@ -267,7 +269,9 @@ def open_input(run: layout.Run, context: Context) -> InputState:
             raise Stop(RunResult(run, "skipped", message="outputs complete"))
         if record is not None and record.fingerprint != fingerprint:
             log.info("%s: outputs were made from another input, model or options; recomputing", printable(run.name))
-        state = InputState(outputs, identity, fingerprint, lock, started)
+        previous = ({rel for kind, rel in record.outputs.items() if not kind.startswith("mask")}
+                    if record is not None else set())
+        state = InputState(outputs, identity, fingerprint, lock, started, previous)
         state.volume = epi.read_volume(run.path, max_bytes=options.max_image_bytes,
                                        keep_volumes=run.kind == "run" and options.moco == "slicewise")
         state.timings["read_s"] = time.monotonic() - started
@@ -285,17 +289,20 @@ def segment_input(run: layout.Run, state: InputState, context: Context) -> Segme
         if volume.volumes is not None:
             motion, motion_slices = correct_motion(run, volume, state.timings, context)
         started = time.monotonic()
-        need_probability = options.save_probseg or options.thr is not None
-        seg = segment.segment_volume(
+        seg = segment.segment_volume(  # the probability is always kept: the confidence score needs it
             context.predictor, volume.data, volume.affine, volume.zooms_mm,
-            orientation=context.orientation, probabilities=need_probability)
+            orientation=context.orientation, probabilities=True)
         mask, steps = postprocess.postprocess(
             seg.mask, probability=seg.foreground_probability, thr=options.thr, largest=options.largest,
             holes=options.fill_holes, remove_small=options.remove_small, zooms_mm=volume.zooms_mm)
         state.timings["segment_s"] = time.monotonic() - started
         rows = metrics.per_slice(mask, volume.affine, volume.zooms_mm)
         summary = metrics.summary(mask, volume.affine, volume.zooms_mm, rows)
-        flags = list(volume.flags) + metrics.quality_flags(mask, volume.affine, rows, summary)
+        certainty = confidence.confidence_score(seg.foreground_probability, mask,
+                                                slice_axis=metrics.slice_axis(volume.affine))
+        add_confidence(summary, rows, certainty)
+        flags = list(volume.flags) + metrics.quality_flags(mask, volume.affine, rows, summary,
+                                                           zooms_mm=volume.zooms_mm)
         if motion is not None:
             flags += moco.motion_flags(moco.motion_summary(motion, slices=motion_slices))
     except BaseException:
@@ -304,7 +311,24 @@ def segment_input(run: layout.Run, state: InputState, context: Context) -> Segme
     for item in flags:
         log.warning("%s: %s", printable(run.name), item["message"])
     return Segmented(run, state.outputs, state.identity, state.fingerprint, volume, mask, seg.foreground_probability,
-                     steps, summary, rows, flags, state.timings, motion, motion_slices)
+                     steps, summary, rows, flags, state.timings, motion, motion_slices, state.previous_outputs)
+
+
+#: The confidence figures kept in the mask sidecar's ``Metrics`` (see :mod:`episeg_bids.confidence`).
+CONFIDENCE_KEYS = {"confidence": "confidence", "confidence_volume": "confidence_volume",
+                   "confidence_worst_slice": "confidence_worst_slice", "worst_slice": "confidence_worst_slice_index",
+                   "probability_mass_voxels": "probability_mass_voxels",
+                   "expected_false_positive_voxels": "expected_false_positive_voxels",
+                   "expected_false_negative_voxels": "expected_false_negative_voxels"}
+
+
+def add_confidence(summary: dict[str, Any], rows: list[dict[str, Any]], certainty: dict[str, Any]) -> None:
+    """Put the confidence score in the metrics summary and each slice's value in its per-slice row."""
+    for key, name in CONFIDENCE_KEYS.items():
+        summary[name] = certainty.get(key)
+    by_slice = {item["slice"]: item["confidence"] for item in certainty.get("per_slice", [])}
+    for row in rows:
+        row["confidence"] = by_slice.get(row["slice"])
 
 
 #: Diameter of the cylinder around the cord that motion is estimated in, in mm (sct_fmri_moco's
@@ -381,12 +405,11 @@ def write_outputs(result: Segmented, context: Context) -> None:
     written = [outputs.mask, outputs.morph]
     if volume.is_mean_of_run:
         if not tr_s:
-            notes.append("RepetitionTime unknown (no sidecar value, none in the header): 1 s written in the mean")
+            notes.append("RepetitionTime unknown (no usable sidecar value, none in the header): not recorded")
         mean = outputs.mocomean if result.motion is not None else outputs.mean
-        deriv.write_nifti_atomic(volume.data[..., None], mean, dtype=np.float32, geometry=volume.header,
-                                 affine=volume.affine, tr_s=tr_s or 1.0)
+        deriv.write_nifti_atomic(volume.data, mean, dtype=np.float32, geometry=volume.header, affine=volume.affine)
         write_json_atomic(deriv.mean_sidecar(source_uri=raw_uri, task_name=task_name or run.entities.get("task", ""),
-                                             tr_s=tr_s or 1.0, n_volumes=volume.n_volumes, nonfinite=volume.nonfinite,
+                                             tr_s=tr_s, n_volumes=volume.n_volumes, nonfinite=volume.nonfinite,
                                              versions=context.versions, motion_corrected=result.motion is not None),
                           deriv.sidecar_of(mean))
         sources = [deriv.output_uri(out, mean), raw_uri]
@@ -413,6 +436,10 @@ def write_outputs(result: Segmented, context: Context) -> None:
         listed.update(probseg=outputs.probseg.relative_to(out).as_posix(),
                       probseg_sidecar=deriv.sidecar_of(outputs.probseg).relative_to(out).as_posix())
         written.append(outputs.probseg)
+    keep = {p.relative_to(out).as_posix() for p in written} | {deriv.sidecar_of(p).relative_to(out).as_posix()
+                                                               for p in written}
+    for rel in result.previous_outputs - keep:  # what an earlier run of this input wrote and this one does not
+        (out / rel).unlink(missing_ok=True)
     for stale in set(outputs.files()) - set(written):  # made with other options: they would no longer match
         for path in (stale, deriv.sidecar_of(stale)):
             path.unlink(missing_ok=True)

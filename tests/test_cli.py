@@ -16,7 +16,7 @@ from episeg_bids.validate import blocking_errors, run_validator
 
 LEIPZIG_OUT = "sub-leipzigR01/func/sub-leipzigR01_task-rest_rec-MoCoMean_space-orig_label-SC_mask.nii.gz"
 ERRSM_OUT = "sub-errsm30/ses-01/func/sub-errsm30_ses-01_task-rest_run-01_space-orig_label-SC_mask.nii.gz"
-ERRSM_MEAN = "sub-errsm30/ses-01/func/sub-errsm30_ses-01_task-rest_run-01_desc-mocomean_bold.nii.gz"
+ERRSM_MEAN = "sub-errsm30/ses-01/func/sub-errsm30_ses-01_task-rest_run-01_desc-mocomean_boldref.nii.gz"
 ERRSM_MOTION = "sub-errsm30/ses-01/func/sub-errsm30_ses-01_task-rest_run-01_desc-moco_timeseries.tsv"
 BRAIN_OUT = "sub-brain01/func/sub-brain01_task-rest_space-orig_label-SC_mask.nii.gz"
 
@@ -57,10 +57,12 @@ def test_masks_lie_on_the_input_grid(full_run):
     assert mask.shape == source.shape[:3] and np.allclose(mask.affine, source.affine)
     assert mask.get_data_dtype() == np.uint8 and set(np.unique(mask.dataobj)) <= {0, 1}
     mean = nib.load(out / ERRSM_MEAN)
-    assert mean.shape == (68, 68, 6, 1) and mean.get_data_dtype() == np.float32 and np.allclose(mean.affine, source.affine)
+    # a 3D image on the run's own grid, which 3D-only tools (sct_deepseg, FSL, ANTs) read directly
+    assert mean.shape == (68, 68, 6) and mean.get_data_dtype() == np.float32 and np.array_equal(mean.affine, source.affine)
+    assert mean.header.get_zooms() == source.header.get_zooms()[:3]
     raw = np.asanyarray(source.dataobj).astype(np.float64).mean(axis=3)
-    assert np.corrcoef(mean.get_fdata()[..., 0].ravel(), raw.ravel())[0, 1] > 0.99    # motion-corrected, same image
-    assert not list((out / "sub-errsm30").rglob("*_desc-mean_bold*"))                   # no plain mean beside it
+    assert np.corrcoef(mean.get_fdata().ravel(), raw.ravel())[0, 1] > 0.99    # motion-corrected, same image
+    assert not list((out / "sub-errsm30").rglob("*_desc-mean_boldref*"))     # no plain mean beside it
     prob = nib.load(str(out / ERRSM_OUT).replace("_mask", "_probseg"))
     assert prob.get_data_dtype() == np.float32 and 0 <= prob.get_fdata().min() and prob.get_fdata().max() <= 1
 
@@ -99,7 +101,9 @@ def test_moco_none_and_3d_inputs_keep_the_plain_mean(example_bids, tmp_path):
     plain = out / ERRSM_MEAN.replace("mocomean", "mean")
     source = nib.load(example_bids / "sub-errsm30/ses-01/func/sub-errsm30_ses-01_task-rest_run-01_bold.nii.gz")
     raw = np.asanyarray(source.dataobj).astype(np.float64).mean(axis=3)
-    assert np.allclose(nib.load(plain).get_fdata()[..., 0], raw, atol=1e-3)
+    plain_img = nib.load(plain)
+    assert plain_img.shape == (68, 68, 6) and np.array_equal(plain_img.affine, source.affine)
+    assert np.allclose(plain_img.get_fdata(), raw, atol=1e-3)
     meta = sidecar(out / ERRSM_OUT)
     assert "Motion" not in meta and meta["Options"]["moco"] == "none" and not (out / ERRSM_MOTION).exists()
     assert meta["Sources"][0] == "bids::" + ERRSM_MEAN.replace("mocomean", "mean")

@@ -20,7 +20,7 @@ def test_names_follow_bids_entity_order():
     outputs = run_outputs(Path("/out"),
                           "sub-01/ses-01/func/sub-01_ses-01_task-rest_acq-zs_run-01_echo-1_bold.nii.gz")
     assert outputs.mask.name == "sub-01_ses-01_task-rest_acq-zs_run-01_echo-1_space-orig_label-SC_mask.nii.gz"
-    assert outputs.mean.name == "sub-01_ses-01_task-rest_acq-zs_run-01_echo-1_desc-mean_bold.nii.gz"
+    assert outputs.mean.name == "sub-01_ses-01_task-rest_acq-zs_run-01_echo-1_desc-mean_boldref.nii.gz"
     assert outputs.probseg.name.endswith("_space-orig_label-SC_probseg.nii.gz")
     assert str(outputs.folder) == "/out/sub-01/ses-01/func"
 

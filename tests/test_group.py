@@ -124,6 +124,10 @@ def test_robust_outliers():
     assert [bool(r["group_flags"]) for r in rows] == [False] * 5 + [True]
     assert rows[-1]["group_flags"][0]["code"] == "outlier_volume_mm3"
     assert robust_z([1.0, 2.0]) == [None, None]        # too few runs to judge
+    # a tight cluster: the MAD (0.5) is floored at 5 % of the median, so 2-4 % differences are not outliers
+    tight = robust_z([1000.0, 1000.5, 999.5, 1001.0, 1000.0, 1040.0])
+    assert max(abs(z) for z in tight) < 1.0
+    assert robust_z([1000.0, 1000.5, 999.5, 1001.0, 1000.0, 1400.0])[-1] > 3.5
 
 
 def test_ground_truth_matching_by_entities(tmp_path):
