@@ -89,24 +89,16 @@ def build_episeg_size_model(folder: Path, *, seed: int = 0) -> Path:
         ``episeg_bids.model.locate_model``.
     """
     import torch
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from episeg_bids.model import network_from_plans
 
     plans = episeg_size_plans()
     dataset_json = episeg_size_dataset_json()
     manager = PlansManager(plans)
     configuration = manager.get_configuration(CONFIGURATION)
     torch.manual_seed(seed)
-    network = get_network_from_plans(
-        configuration.network_arch_class_name,
-        configuration.network_arch_init_kwargs,
-        configuration.network_arch_init_kwargs_req_import,
-        determine_num_input_channels(manager, configuration, dataset_json),
-        manager.get_label_manager(dataset_json).num_segmentation_heads,
-        allow_init=True,
-        deep_supervision=False,
-    )
+    network = network_from_plans(manager, configuration, dataset_json, initialise=True)
     trainer_folder = Path(folder) / TRAINER_FOLDER
     (trainer_folder / "fold_all").mkdir(parents=True, exist_ok=True)
     (trainer_folder / "plans.json").write_text(json.dumps(plans, indent=4) + "\n")

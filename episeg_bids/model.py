@@ -621,6 +621,25 @@ def _check_checkpoint(path: Path, checkpoint: Any) -> None:
 # --- the predictor --------------------------------------------------------------------------------
 
 
+def network_from_plans(plans_manager, configuration, dataset_json: dict[str, Any], *, initialise: bool = False):
+    """The network a configuration of ``plans.json`` describes, built with nnunetv2's own builder
+    (``get_network_from_plans``), without deep supervision, as for inference. ``initialise``
+    draws nnunetv2's initial weights (for a random-weight benchmark model); otherwise the weights
+    are left for a checkpoint to fill."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    return get_network_from_plans(
+        configuration.network_arch_class_name,
+        configuration.network_arch_init_kwargs,
+        configuration.network_arch_init_kwargs_req_import,
+        determine_num_input_channels(plans_manager, configuration, dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
+        allow_init=initialise,
+        deep_supervision=False,
+    )
+
+
 def load_predictor(spec: ModelSpec, *, device: str = "cpu", tta: bool = False, threads: int | None = None):
     """Build the ``nnUNetPredictor`` once, with SCT's settings.
 
@@ -657,8 +676,6 @@ def load_predictor(spec: ModelSpec, *, device: str = "cpu", tta: bool = False, t
         If `threads` is below 1.
     """
     import torch
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     threads = available_cpus() if threads is None else threads
@@ -669,15 +686,7 @@ def load_predictor(spec: ModelSpec, *, device: str = "cpu", tta: bool = False, t
     checkpoints = [load_checkpoint(path) for path in spec.checkpoint_paths]
     first = checkpoints[0]
     configuration = plans_manager.get_configuration(first["init_args"]["configuration"])
-    network = get_network_from_plans(
-        configuration.network_arch_class_name,
-        configuration.network_arch_init_kwargs,
-        configuration.network_arch_init_kwargs_req_import,
-        determine_num_input_channels(plans_manager, configuration, dataset_json),
-        plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
-        allow_init=False,
-        deep_supervision=False,
-    )
+    network = network_from_plans(plans_manager, configuration, dataset_json)
     parameters = [checkpoint["network_weights"] for checkpoint in checkpoints]
     try:
         network.load_state_dict(parameters[0])
