@@ -66,7 +66,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_mean  # noqa: E402  (LEIPZIG, measure, max_difference)
 from episeg_bids import __version__ as EPISEG_VERSION  # noqa: E402
-from episeg_bids.model import available_cpus  # noqa: E402  (does not import torch)
+from episeg_bids.cpus import available_cpus  # noqa: E402  (does not import torch)
 from episeg_size_model import build_episeg_size_model, count_parameters  # noqa: E402
 
 RUN_PY = REPO / "run.py"

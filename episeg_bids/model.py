@@ -14,10 +14,11 @@ builder and handed to ``nnUNetPredictor.manual_initialization``: the same networ
 predictor settings as ``initialize_from_trained_model_folder``, but independent of the trainer's
 class name (looking that class up imports every trainer module, REFERENCE §6).
 
-Unlike SCT, checkpoints are read as data only (``torch.load(weights_only=True)`` with an explicit
-allow-list, :func:`checkpoint_safe_globals`): a checkpoint carrying code is refused before any of
-it runs. The network runs with a fixed number of torch threads (:func:`available_cpus` by
-default), whatever nnunetv2's ``$nnUNet_def_n_proc`` says (:func:`hold_threads`).
+Unlike SCT, checkpoints are read as data only (:func:`episeg_bids.checkpoint.load_checkpoint`,
+``torch.load(weights_only=True)`` with an explicit allow-list): a checkpoint carrying code is
+refused before any of it runs. The network runs with a fixed number of torch threads
+(:func:`episeg_bids.cpus.available_cpus` by default), whatever nnunetv2's ``$nnUNet_def_n_proc``
+says (:func:`hold_threads`).
 """
 
 from __future__ import annotations
@@ -28,15 +29,15 @@ import hashlib
 import inspect
 import io
 import json
-import math
 import os
-import pickle
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import _first_line, load_checkpoint
+from .cpus import available_cpus
 from .errors import ModelError, UsageError
 
 #: The published EPISeg weights (release v0.2 of sct-pipeline/fmri-segmentation, REFERENCE §1).
@@ -48,6 +49,8 @@ EPISEG_URL = (
 EPISEG_NAME = "episeg-v0.2"
 
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth")
+#: The trainer of the EPISeg release; other names are accepted (and recorded).
+DEFAULT_TRAINER = "nnUNetTrainer"
 _FOLD_RE = re.compile(r"^fold_(\d+|all)$")
 
 INSTALL_HINT = (
@@ -299,119 +302,7 @@ def select_device(device: str) -> str:
     return device
 
 
-# --- CPUs and threads ---------------------------------------------------------------------------
-
-
-def available_cpus() -> int:
-    """Number of CPUs this process may use: the smallest of its limits, at least 1.
-
-    The limits are the scheduler affinity (``os.sched_getaffinity``, e.g. ``taskset`` or a SLURM
-    cpuset), the cgroup CPU quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us / cpu.cfs_period_us``,
-    the smallest along the process's cgroup and its ancestors, rounded up: a Docker
-    ``--cpus 1.5`` gives 2) and ``SLURM_CPUS_PER_TASK``.
-
-    Returns
-    -------
-    int
-        CPUs, ≥ 1; the default number of torch threads of :func:`load_predictor`.
-    """
-    limits = [_affinity_cpus(), cgroup_cpu_limit(), _slurm_cpus()]
-    return max(1, min((n for n in limits if n is not None), default=1))
-
-
-def _affinity_cpus() -> int | None:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count()
-
-
-def _slurm_cpus() -> int | None:
-    value = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else None
-
-
-def cgroup_cpu_limit(proc: Path = Path("/proc/self")) -> int | None:
-    """CPU quota of the process's cgroups (v1 and v2 hierarchies), rounded up; None if unlimited.
-
-    Parameters
-    ----------
-    proc : Path
-        Folder with the process's ``mountinfo`` and ``cgroup`` files (``/proc/self``); the
-        cgroup mount points named in ``mountinfo`` are read as they are.
-
-    Returns
-    -------
-    int or None
-        ``ceil(quota / period)`` of the most restrictive cgroup from the process's own up to the
-        root of its hierarchy, or None when no quota applies or nothing can be read.
-    """
-    try:
-        mounts = (proc / "mountinfo").read_text().splitlines()
-        groups = (proc / "cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    paths = {}  # controller ('' for the v2 hierarchy) -> cgroup path of the process
-    for line in groups:
-        parts = line.split(":", 2)
-        if len(parts) == 3:
-            for controller in parts[1].split(",") if parts[1] else [""]:
-                paths[controller] = parts[2]
-    quotas = []
-    for line in mounts:
-        fields, _, fs = (part.split() for part in line.partition(" - "))
-        if len(fields) < 5 or len(fs) < 3:
-            continue
-        root, mount_point = _unescape(fields[3]), Path(_unescape(fields[4]))
-        if fs[0] == "cgroup2" and "" in paths:
-            quotas.append(_smallest_quota(mount_point, root, paths[""], _cpu_max))
-        elif fs[0] == "cgroup" and "cpu" in fs[2].split(",") and "cpu" in paths:
-            quotas.append(_smallest_quota(mount_point, root, paths["cpu"], _cfs_quota))
-    found = [q for q in quotas if q is not None]
-    return max(1, math.ceil(min(found))) if found else None
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes (``\\040``)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def _smallest_quota(mount_point: Path, root: str, path: str, read) -> float | None:
-    """Smallest quota (CPUs) from the cgroup folder of `path` up to `mount_point`."""
-    relative = path if root == "/" else path[len(root):] if path.startswith(root) else "/"
-    folder = mount_point / relative.lstrip("/")
-    if not folder.is_dir():  # host path seen from a container without a cgroup namespace
-        folder = mount_point
-    quotas = []
-    for level in [folder, *folder.parents]:
-        quotas.append(read(level))
-        if level == mount_point or not level.is_relative_to(mount_point):
-            break
-    found = [q for q in quotas if q is not None]
-    return min(found) if found else None
-
-
-def _read_numbers(path: Path) -> list[str]:
-    try:
-        return path.read_text().split()
-    except OSError:
-        return []
-
-
-def _cpu_max(folder: Path) -> float | None:
-    """cgroup v2 ``cpu.max``: ``'<quota> <period>'`` or ``'max <period>'``."""
-    words = _read_numbers(folder / "cpu.max")
-    if len(words) == 2 and words[0].isdigit() and words[1].isdigit() and int(words[1]) > 0:
-        return int(words[0]) / int(words[1])
-    return None
-
-
-def _cfs_quota(folder: Path) -> float | None:
-    """cgroup v1 ``cpu.cfs_quota_us`` (-1: unlimited) over ``cpu.cfs_period_us``."""
-    quota, period = _read_numbers(folder / "cpu.cfs_quota_us"), _read_numbers(folder / "cpu.cfs_period_us")
-    if quota and period and quota[0].isdigit() and period[0].isdigit() and int(period[0]) > 0:
-        return int(quota[0]) / int(period[0])
-    return None
+# --- threads --------------------------------------------------------------------------------------
 
 
 #: Name of the nnunetv2 global that caps torch's threads during prediction.
@@ -494,130 +385,6 @@ def describe_predictor(predictor) -> dict[str, Any]:
     }
 
 
-# --- checkpoints ----------------------------------------------------------------------------------
-
-#: The trainer of the EPISeg release; other names are accepted (and recorded).
-DEFAULT_TRAINER = "nnUNetTrainer"
-
-
-def checkpoint_safe_globals() -> list:
-    """What ``torch.load(weights_only=True)`` must allow, beyond its defaults, for nnUNetv2.
-
-    ``nnUNetTrainer.save_checkpoint`` writes ``network_weights`` and ``optimizer_state`` (tensors,
-    plain values), ``grad_scaler_state`` (plain values or None), ``init_args`` (plans and
-    dataset.json as plain values, ``device`` a ``torch.device``), ``trainer_name``,
-    ``inference_allowed_mirroring_axes``, ``current_epoch`` (plain values): torch allows all of
-    those by default. Only the training log (``logging``) and ``_best_ema`` hold numpy values:
-    losses and pseudo-Dice are numpy float scalars (float32 on the CPU with nnunetv2 2.8.1; their
-    dtype follows the loss and the network output, so float16 or float64 elsewhere), rebuilt from:
-
-    - ``numpy._core.multiarray.scalar``, also under ``numpy.core.multiarray.scalar``, the name
-      numpy 1.x writes (torch matches the name in the file, not the function);
-    - ``numpy.dtype``, called to rebuild each scalar's dtype;
-    - ``numpy.dtypes.Float16DType``, ``Float32DType``, ``Float64DType``: the classes of those
-      dtypes, whose state torch only sets for allowed types;
-    - ``numpy.ndarray`` and ``numpy._core.multiarray._reconstruct`` (both numpy names): numpy
-      arrays of those dtypes. nnunetv2 2.8.1 logs scalars only; an array is data, no callable
-      is reachable from it, and a log that kept one must not make a checkpoint unusable.
-
-    Nothing here runs code chosen by the file: everything else (a payload's ``os.system``,
-    ``builtins.eval``, any class) is refused before it is called.
-    """
-    import numpy as np
-    from numpy import dtypes
-
-    try:
-        from numpy._core import multiarray  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core import multiarray
-    allowed: list = [np.dtype, dtypes.Float16DType, dtypes.Float32DType, dtypes.Float64DType, np.ndarray]
-    for name in ("scalar", "_reconstruct"):
-        function = getattr(multiarray, name)
-        allowed += [(function, f"numpy.core.multiarray.{name}"), (function, f"numpy._core.multiarray.{name}")]
-    return allowed
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read an nnUNetv2 checkpoint without running any code it might hold.
-
-    ``torch.load(weights_only=True)`` with :func:`checkpoint_safe_globals` only.
-
-    Returns
-    -------
-    dict
-        At least ``network_weights`` (name → tensor) and ``init_args`` (with ``configuration``).
-
-    Raises
-    ------
-    ModelError
-        If the file holds anything else (nothing from it is run), is damaged, or is not an
-        nnUNetv2 checkpoint.
-    """
-    import torch
-
-    try:
-        with torch.serialization.safe_globals(checkpoint_safe_globals()):
-            checkpoint = torch.load(path, map_location=torch.device("cpu"), weights_only=True)
-    except Exception as err:  # torch raises many types for a damaged file
-        refused = _refused_objects(path, err) if isinstance(err, pickle.UnpicklingError) else None
-        if refused:
-            raise ModelError(
-                f"{path} holds objects a model checkpoint does not ({refused}); it was refused and "
-                "nothing from it was run: use the published weights (episeg-bids install-model "
-                "--sha256 ...) or a checkpoint written by nnUNetv2"
-            ) from None
-        raise ModelError(f"{path} cannot be loaded ({_first_line(err)}); reinstall the model") from err
-    _check_checkpoint(path, checkpoint)
-    return checkpoint
-
-
-def _refused_objects(path: Path, err: pickle.UnpicklingError) -> str | None:
-    """What torch's restricted unpickler refused, or None if the error is not a refusal.
-
-    The globals the file names beyond the allow-list (read from its opcodes, nothing is called;
-    zip-format checkpoints), else the object named in torch's message.
-    """
-    import torch
-
-    allowed = {name for entry in checkpoint_safe_globals() for name in _global_names(entry)}
-    try:
-        foreign = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
-    except Exception:  # the legacy (non-zip) format, or a damaged file
-        foreign = []
-    if foreign:
-        return ", ".join(foreign)
-    found = re.search(r"GLOBAL (\S+)", str(err)) or re.search(r"WeightsUnpickler error: ([^\n]+)", str(err))
-    return found.group(1).strip() if found else None
-
-
-def _global_names(entry) -> list[str]:
-    if isinstance(entry, tuple):
-        return [entry[1]]
-    return [f"{entry.__module__}.{entry.__qualname__}"]
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
-def _check_checkpoint(path: Path, checkpoint: Any) -> None:
-    """ModelError unless `checkpoint` has nnUNetv2's network weights and init args."""
-    import torch
-
-    weights = checkpoint.get("network_weights") if isinstance(checkpoint, dict) else None
-    init_args = checkpoint.get("init_args") if isinstance(checkpoint, dict) else None
-    if (
-        not isinstance(weights, dict) or not weights
-        or not all(isinstance(t, torch.Tensor) for t in weights.values())
-        or not isinstance(init_args, dict) or not isinstance(init_args.get("configuration"), str)
-    ):
-        raise ModelError(
-            f"{path} is not an nnUNetv2 checkpoint (expected a dict with network_weights and "
-            "init_args['configuration']); reinstall the model"
-        )
-
-
 # --- the predictor --------------------------------------------------------------------------------
 
 
@@ -646,7 +413,8 @@ def load_predictor(spec: ModelSpec, *, device: str = "cpu", tta: bool = False, t
     ``tile_step_size=0.5, use_gaussian=True, use_mirroring=tta, perform_everything_on_device=False``,
     every fold's weights kept for ensembling (nnunetv2 averages their softmax). The network is
     built from ``plans.json`` (whatever the checkpoint's ``trainer_name``, see
-    :func:`describe_predictor`), and checkpoints are read with :func:`load_checkpoint`.
+    :func:`describe_predictor`), and checkpoints are read with
+    :func:`episeg_bids.checkpoint.load_checkpoint`.
 
     Parameters
     ----------
@@ -659,7 +427,7 @@ def load_predictor(spec: ModelSpec, *, device: str = "cpu", tta: bool = False, t
         ``-test-time-aug``); about 8× slower.
     threads : int, optional
         Torch intra-op threads of the network (``--omp-nthreads``); default
-        :func:`available_cpus`. They hold while the network runs, whatever
+        :func:`episeg_bids.cpus.available_cpus`. They hold while the network runs, whatever
         ``$nnUNet_def_n_proc`` says (:func:`hold_threads`); torch's own setting outside
         prediction is left alone. :func:`predictor_threads` returns the value.
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from . import __version__
 from . import derivatives as deriv
-from . import confidence, epi, layout, metrics, moco, model, postprocess, qc, segment, validate
+from . import confidence, cpus, epi, layout, metrics, moco, model, postprocess, qc, segment, validate
 from .atomic import json_text, locked, write_json_atomic, write_tsv_atomic
 from .derivatives import printable
 from .errors import InputImageError, NothingSelected
@@ -158,7 +158,7 @@ class Context:
         self.options = options
         self.spec = spec
         self.device = model.select_device(options.device)
-        self.threads = network_threads(options.omp_nthreads, options.nprocs, model.available_cpus)
+        self.threads = network_threads(options.omp_nthreads, options.nprocs, cpus.available_cpus)
         self.orientation = model.image_orientation(spec)
         self.versions = software_versions()
         self.model_description = spec.describe()

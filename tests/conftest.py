@@ -1,4 +1,5 @@
-"""Shared fixtures: the example BIDS dataset of real EPI and the project's demo model.
+"""Shared fixtures: the example BIDS dataset of real EPI and the project's demo model (and a quick
+prediction with it).
 
 Tests read no data outside the repository: the real images live in tests/data (see tests/data/README.md).
 """
@@ -36,6 +37,18 @@ def predictor():
     from episeg_bids import model
 
     return model.load_predictor(model.locate_model(DEMO_MODEL), device="cpu", threads=2)
+
+
+def small_mask(predictor):
+    """Mask (ndarray) of the first volume of the real 4D SCT run (68x68x6): a quick prediction."""
+    import nibabel as nib
+    import numpy as np
+
+    from episeg_bids.segment import segment_volume
+
+    img = nib.load(SCT_RUN)
+    return segment_volume(predictor, np.asarray(img.dataobj[..., 0], dtype=np.float32), img.affine,
+                          img.header.get_zooms()[:3]).mask
 
 
 def run_app(*args: str | Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -47,7 +47,7 @@ def write_json(path: Path, content) -> Path:
 
 def age(root: Path) -> None:
     """Set every file's mtime an hour back: a dataset that has not changed lately (files
-    written less than ``layout.RACY_NS`` ago are read again on every discovery, see below)."""
+    written less than ``discovery_index.RACY_NS`` ago are read again on every discovery, see below)."""
     for folder, _, files in os.walk(root):
         for name in files:
             os.utime(Path(folder) / name, (HOUR_AGO, HOUR_AGO), follow_symlinks=False)
