@@ -180,18 +180,20 @@ for owner, name, label in [
     (E, "read_volume", "read volume"),
     (P, "segment_input", "segment stage"), (S, "segment_volume", "segment_volume"),
     (PP, "postprocess", "postprocess"), (ME, "per_slice", "metrics"), (ME, "summary", "metrics"),
-    (ME, "quality_flags", "metrics"),
+    (ME, "quality_flags", "metrics"), (P, "measure_input", "measure (metrics, confidence, flags)"),
     (P, "write_input", "write stage"), (Q, "write_run_figures", "QC figures"),
     (D, "write_nifti_atomic", "write NIfTI"), (P, "write_json_atomic", "write JSON/TSV"),
     (P, "write_tsv_atomic", "write JSON/TSV"),
-    (P, "write_qc_pages", "QC pages"), (Q, "write_subject_page", "QC subject page"),
+    (P, "write_subject_pages", "QC pages"), (P, "write_dataset_report", "QC pages"),
+    (Q, "write_subject_page", "QC subject page"),
     (Q, "write_dataset_report", "QC dataset report"),
 ]:
     wrap(owner, name, label)
 
+import numpy as np
 CORD = None   # BENCH_CORD_MASK: a manual mask on the grid of every input, in the network's layout
 if os.environ.get("BENCH_CORD_MASK"):
-    import nibabel as nib, numpy as np
+    import nibabel as nib
     cord_img = nib.load(os.environ["BENCH_CORD_MASK"])
     cord_array, _ = S.to_network_input((np.asarray(cord_img.dataobj) > 0).astype(np.float32),
                                        tuple(float(z) for z in cord_img.header.get_zooms()[:3]),
@@ -214,11 +216,18 @@ else:
                 result = bare(*a, **k)
             finally:
                 record("network (predict_single_npy_array)", begun)
-            if CORD is not None and getattr(result, "shape", None) == CORD.shape:
-                return CORD.astype(result.dtype)   # the network ran in full; downstream sees a real cord mask
-            if CORD is not None:
-                missing.append("cord mask not substituted (output shape %s)" % (getattr(result, "shape", None),))
-            return result
+            if CORD is None:
+                return result
+            # the network ran in full; downstream sees a real cord mask (and, when probabilities
+            # were asked for, the matching one-hot probabilities: background, cord)
+            labels = result[0] if isinstance(result, tuple) else result
+            if getattr(labels, "shape", None) != CORD.shape:
+                missing.append("cord mask not substituted (output shape %s)" % (getattr(labels, "shape", None),))
+                return result
+            if not isinstance(result, tuple):
+                return CORD.astype(labels.dtype)
+            cord = CORD.astype(result[1].dtype)
+            return (CORD.astype(labels.dtype), np.stack([1 - cord, cord]))
         predictor.predict_single_npy_array = predict
         return predictor
     M.load_predictor = timed_load

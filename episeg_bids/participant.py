@@ -6,9 +6,11 @@ network works):
 
 1. open (reader thread): lock the input, name its outputs (``derivatives``), skip it when they are
    complete and up to date, read the volume to segment (``epi``);
-2. segment (this thread, which owns the network): ``segment`` (predictor built once) →
-   ``postprocess`` → ``metrics``;
-3. write (writer thread): ``derivatives`` files and ``qc`` figures, the mask sidecar last.
+2. segment (this thread, which owns the network): ``moco`` (4D runs) → ``segment`` (predictor
+   built once) → ``postprocess``; nothing else, so the network never waits for the rest;
+3. measure and write (writer thread): ``metrics``, ``confidence`` and the quality flags, then the
+   ``derivatives`` files and ``qc`` figures, the mask sidecar last; and a subject's QC page once
+   its last input is written.
 
 Everything that can fail for one input happens inside that input's isolation: a failing input
 gets a crash file and an error line, and the others go on.
@@ -240,13 +242,16 @@ class Segmented:
     mask: np.ndarray
     probability: np.ndarray | None
     steps: list[str]
-    summary: dict[str, Any]
-    rows: list[dict[str, Any]]
-    flags: list[dict[str, Any]]
     timings: dict[str, float]
     motion: moco.MotionCorrection | None = None
     motion_slices: np.ndarray | None = None
     previous_outputs: set[str] = field(default_factory=set)
+    # filled by measure_input (writer thread)
+    summary: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    flags: list[dict[str, Any]] = field(default_factory=list)
+    labels: tuple[np.ndarray, int] | None = None
+    components: list[dict[str, Any]] | None = None
 
 
 def open_input(run: layout.Run, context: Context) -> InputState:
@@ -282,7 +287,8 @@ def open_input(run: layout.Run, context: Context) -> InputState:
 
 
 def segment_input(run: layout.Run, state: InputState, context: Context) -> Segmented:
-    """Stage 2 (the calling thread, which owns the network): segment, post-process, measure."""
+    """Stage 2 (the calling thread, which owns the network): motion correction, segment,
+    post-process; the measures are taken by the writer thread (:func:`measure_input`)."""
     options, volume = context.options, state.volume
     motion = motion_slices = None
     try:
@@ -296,22 +302,33 @@ def segment_input(run: layout.Run, state: InputState, context: Context) -> Segme
             seg.mask, probability=seg.foreground_probability, thr=options.thr, largest=options.largest,
             holes=options.fill_holes, remove_small=options.remove_small, zooms_mm=volume.zooms_mm)
         state.timings["segment_s"] = time.monotonic() - started
-        rows = metrics.per_slice(mask, volume.affine, volume.zooms_mm)
-        summary = metrics.summary(mask, volume.affine, volume.zooms_mm, rows)
-        certainty = confidence.confidence_score(seg.foreground_probability, mask,
-                                                slice_axis=metrics.slice_axis(volume.affine))
-        add_confidence(summary, rows, certainty)
-        flags = list(volume.flags) + metrics.quality_flags(mask, volume.affine, rows, summary,
-                                                           zooms_mm=volume.zooms_mm)
-        if motion is not None:
-            flags += moco.motion_flags(moco.motion_summary(motion, slices=motion_slices))
     except BaseException:
         state.lock.close()
         raise
-    for item in flags:
-        log.warning("%s: %s", printable(run.name), item["message"])
     return Segmented(run, state.outputs, state.identity, state.fingerprint, volume, mask, seg.foreground_probability,
-                     steps, summary, rows, flags, state.timings, motion, motion_slices, state.previous_outputs)
+                     steps, state.timings, motion, motion_slices, state.previous_outputs)
+
+
+def measure_input(result: Segmented) -> None:
+    """Stage 3, first half (writer thread): per-slice rows, summary, confidence, components and
+    quality flags of the mask, into ``result``; one warning line per flag."""
+    volume, mask = result.volume, result.mask
+    started = time.monotonic()
+    rows = metrics.per_slice(mask, volume.affine, volume.zooms_mm)
+    summary = metrics.summary(mask, volume.affine, volume.zooms_mm, rows)
+    certainty = confidence.confidence_score(result.probability, mask, slice_axis=metrics.slice_axis(volume.affine))
+    add_confidence(summary, rows, certainty)
+    labels = metrics.label_components(mask)
+    components = metrics.describe_components(mask, volume.affine, volume.zooms_mm, labels=labels)
+    flags = list(volume.flags) + metrics.quality_flags(mask, volume.affine, rows, summary, zooms_mm=volume.zooms_mm,
+                                                       components=components)
+    if result.motion is not None:
+        flags += moco.motion_flags(moco.motion_summary(result.motion, slices=result.motion_slices))
+    for item in flags:
+        log.warning("%s: %s", printable(result.run.name), item["message"])
+    result.rows, result.summary, result.flags = rows, summary, flags
+    result.labels, result.components = labels, components
+    result.timings["measure_s"] = time.monotonic() - started
 
 
 #: The confidence figures kept in the mask sidecar's ``Metrics`` (see :mod:`episeg_bids.confidence`).
@@ -359,8 +376,9 @@ def correct_motion(run: layout.Run, volume: epi.EpiVolume, timings: dict[str, fl
 
 
 def write_input(state: InputState, result: Segmented, context: Context) -> RunResult:
-    """Stage 3 (writer thread): write the outputs, then release the input's lock."""
+    """Stage 3 (writer thread): measure, write the outputs, then release the input's lock."""
     try:
+        measure_input(result)
         started = time.monotonic()
         write_outputs(result, context)
         result.timings["write_s"] = time.monotonic() - started
@@ -448,7 +466,8 @@ def write_outputs(result: Segmented, context: Context) -> None:
     write_json_atomic(deriv.morph_sidecar(mask_uri, result.summary["slice_axis"]), deriv.sidecar_of(outputs.morph))
     try:
         figures = qc.write_run_figures(out, outputs.mask, volume.data, result.mask, volume.affine,
-                                       volume.zooms_mm, result.rows, flags=result.flags)
+                                       volume.zooms_mm, result.rows, flags=result.flags, labels=result.labels,
+                                       components=result.components)
     except Exception as err:  # a figure must never cost the mask; the report rebuilds missing ones
         log.warning("%s: QC figures not written (%s: %s)", printable(run.name), type(err).__name__, err)
         figures = None
@@ -496,12 +515,22 @@ def failed_result(run: layout.Run, error: BaseException, context: Context) -> Ru
     return RunResult(run, "failed", message=message, crash_file=crash)
 
 
-def process_inputs(runs: list[layout.Run], context: Context) -> list[RunResult]:
+def process_inputs(runs: list[layout.Run], context: Context, pages_written: set[str] | None = None) -> list[RunResult]:
     """Every input through the three stages, reading input k+1 and writing input k-1 while the
     network works on input k (:func:`episeg_bids.overlap.run_overlapped`); results, progress and
-    log lines come in input order."""
+    log lines come in input order. The writer thread also writes a subject's QC page once the
+    subject's last input is written, and adds the subject to ``pages_written``."""
     results: list[RunResult] = []
     progress = Progress(len(runs))
+    last_of_subject = {subject_of(run): run.relpath for run in runs}
+
+    def write(run: layout.Run, both: tuple[InputState, Segmented]) -> RunResult:
+        result = write_input(both[0], both[1], context)
+        subject = subject_of(run)
+        if pages_written is not None and last_of_subject[subject] == run.relpath:
+            write_subject_pages(context.options.output_dir, [subject])
+            pages_written.add(subject)
+        return result
 
     def finish(work: Work) -> None:
         run = work.item
@@ -516,8 +545,13 @@ def process_inputs(runs: list[layout.Run], context: Context) -> list[RunResult]:
 
     run_overlapped(runs, prepare=lambda run, _: open_input(run, context),
                    compute=lambda run, state: (state, segment_input(run, state, context)),
-                   write=lambda run, both: write_input(both[0], both[1], context), finish=finish)
+                   write=write, finish=finish)
     return results
+
+
+def subject_of(run: layout.Run) -> str:
+    """The participant label of an input (``''`` when it has none)."""
+    return str(run.entities.get("subject", ""))
 
 
 def participant(options: Options) -> Summary:
@@ -545,20 +579,28 @@ def participant(options: Options) -> Summary:
     deriv.write_dataset_files(options.output_dir, options.bids_dir, container_info(),
                               model_name=spec.trainer_folder.name, is_demo=spec.is_demo)
     context = Context(options, spec)
-    summary = Summary(process_inputs(runs, context))
-    write_qc_pages(options.output_dir, sorted({str(r.run.entities.get("subject", "")) for r in summary.results}))
+    pages_written: set[str] = set()
+    summary = Summary(process_inputs(runs, context, pages_written))
+    # subjects whose last input was skipped or failed: their pages are rebuilt here
+    write_subject_pages(options.output_dir, sorted({subject_of(r.run) for r in summary.results} - pages_written))
+    write_dataset_report(options.output_dir)
     summary.seconds = time.monotonic() - clock
     return summary
 
 
-def write_qc_pages(output_dir: Path, subjects: list[str]) -> None:
-    """The subject pages of this job and the dataset report, rebuilt from every result on disk;
-    a failure is logged, never fatal."""
+def write_subject_pages(output_dir: Path, subjects: list[str]) -> None:
+    """The QC pages of these subjects, rebuilt from every result on disk; a failure is logged,
+    never fatal."""
     for subject in subjects:
         try:
             qc.write_subject_page(output_dir, subject)
         except Exception as err:  # the masks are written; a report problem must not fail the run
             log.warning("QC page of sub-%s not written (%s: %s)", printable(subject), type(err).__name__, err)
+
+
+def write_dataset_report(output_dir: Path) -> None:
+    """The dataset report (``qc/index.html``), rebuilt from every result on disk; a failure is
+    logged, never fatal."""
     try:
         log.info("QC report: %s", qc.write_dataset_report(output_dir))
     except Exception as err:

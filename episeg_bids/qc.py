@@ -112,7 +112,8 @@ def _locked(output_dir: Path):
 
 def write_run_figures(output_dir: Path, mask_path: Path, image: np.ndarray, mask: np.ndarray, affine: np.ndarray,
                       zooms_mm: tuple, rows: list[dict], *, flags: list[dict] | None = None,
-                      reference: np.ndarray | None = None) -> dict[str, str]:
+                      reference: np.ndarray | None = None, labels: tuple[np.ndarray, int] | None = None,
+                      components: list[dict] | None = None) -> dict[str, str]:
     """Write the axial mosaic, sagittal view and area profile of one run (SVG, atomically).
 
     Parameters
@@ -135,13 +136,17 @@ def write_run_figures(output_dir: Path, mask_path: Path, image: np.ndarray, mask
         The run's :func:`episeg_bids.metrics.quality_flags`; flagged slices are marked.
     reference : (X, Y, Z) ndarray, optional
         The run's manual mask on the same grid (group level): drawn with ours, per-slice Dice.
+    labels, components : optional
+        :func:`episeg_bids.metrics.label_components` and ``describe_components`` of the mask,
+        when the caller has them (else computed).
 
     Returns
     -------
     dict
         ``{'mosaic', 'sagittal', 'area'}`` → path relative to ``output_dir`` (POSIX).
     """
-    figures = run_figures(image, mask, affine, zooms_mm, rows, flags, reference=reference)
+    figures = run_figures(image, mask, affine, zooms_mm, rows, flags, reference=reference, labels=labels,
+                          components=components)
     paths = figure_paths(output_dir, mask_path)
     for kind, path in paths.items():
         write_bytes_atomic(figures[kind].encode("utf-8"), path)

@@ -296,30 +296,31 @@ def png_bytes(grey: np.ndarray) -> bytes:
             + chunk(b"IEND", b""))
 
 
-def _runs(line: np.ndarray) -> list[tuple[int, int]]:
-    """(start, stop) of the runs of True in a 1D bool array."""
-    edges = np.diff(np.concatenate([[0], line.astype(np.int8), [0]]))
-    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+def _row_runs(mask: np.ndarray) -> tuple[list[int], list[int], list[int]]:
+    """The runs of True along the rows of a 2D bool array, in row-major order: their row, start
+    column and stop column (exclusive), as plain lists (one NumPy pass for the whole array, so a
+    mask of thousands of pieces costs no Python loop over rows)."""
+    edges = np.diff(np.pad(np.asarray(mask, bool), ((0, 0), (1, 1))).astype(np.int8), axis=1)
+    rows, starts = np.nonzero(edges == 1)
+    _, stops = np.nonzero(edges == -1)        # the k-th stop closes the k-th start (row-major)
+    return rows.tolist(), starts.tolist(), stops.tolist()
 
 
 def contour_path(mask: np.ndarray, x0: int, y0: int, sx: int, sy: int) -> str:
     """SVG path along the voxel edges between mask and background of a (rows, cols) mask whose
     voxel (r, c) covers ``[x0 + c sx, x0 + (c+1) sx] × [y0 + r sy, y0 + (r+1) sy]``."""
     padded = np.pad(np.asarray(mask, bool), 1)
-    parts = []
     horizontal = padded[1:, 1:-1] != padded[:-1, 1:-1]          # edge above row r
-    for r in np.flatnonzero(horizontal.any(axis=1)):           # rows with an edge only: most have none
-        parts += [f"M{x0 + a * sx} {y0 + r * sy}H{x0 + b * sx}" for a, b in _runs(horizontal[r])]
     vertical = (padded[1:-1, 1:] != padded[1:-1, :-1]).T        # edge left of column c
-    for c in np.flatnonzero(vertical.any(axis=1)):
-        parts += [f"M{x0 + c * sx} {y0 + a * sy}V{y0 + b * sy}" for a, b in _runs(vertical[c])]
+    parts = [f"M{x0 + a * sx} {y0 + r * sy}H{x0 + b * sx}" for r, a, b in zip(*_row_runs(horizontal))]
+    parts += [f"M{x0 + c * sx} {y0 + a * sy}V{y0 + b * sy}" for c, a, b in zip(*_row_runs(vertical))]
     return "".join(parts)
 
 
 def fill_path(mask: np.ndarray, x0: int, y0: int, sx: int, sy: int) -> str:
     """SVG path of rectangles covering the mask voxels, one per run along a row."""
     return "".join(f"M{x0 + a * sx} {y0 + r * sy}h{(b - a) * sx}v{sy}h{-(b - a) * sx}z"
-                   for r, line in enumerate(np.asarray(mask, bool)) for a, b in _runs(line))
+                   for r, a, b in zip(*_row_runs(mask)))
 
 
 def _text(x: float, y: float, content: str, *, anchor: str = "start", colour: str = "#fff",
@@ -383,17 +384,22 @@ def _join(parts: list[dict[str, str]]) -> dict[str, str]:
 
 def _slice_components(labels: np.ndarray) -> list[tuple[int, float, float, float]]:
     """Components other than the main one on a (R, C) slice: (id, centre row, centre column,
-    half extent in voxels), in id order."""
-    ids = [int(i) for i in np.unique(labels) if i > 1]
-    if not ids:
+    half extent in voxels), in id order (array operations only: a failed model's thousands of
+    pieces cost milliseconds)."""
+    flat = labels.ravel()
+    where = np.flatnonzero(flat > 1)
+    if where.size == 0:
         return []
-    centres = ndimage.center_of_mass(np.ones(labels.shape), labels, ids)
-    boxes = ndimage.find_objects(labels)
-    out = []
-    for k, (cr, cc) in zip(ids, centres):
-        box = boxes[k - 1]
-        out.append((k, float(cr), float(cc), max(box[0].stop - box[0].start, box[1].stop - box[1].start) / 2))
-    return out
+    ids, inverse = np.unique(flat[where], return_inverse=True)
+    rows, cols = np.divmod(where, labels.shape[1])
+    count = np.bincount(inverse)
+    centre_r, centre_c = np.bincount(inverse, rows) / count, np.bincount(inverse, cols) / count
+    order = np.argsort(inverse, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(count)[:-1]])
+    extent_r = np.maximum.reduceat(rows[order], starts) - np.minimum.reduceat(rows[order], starts) + 1
+    extent_c = np.maximum.reduceat(cols[order], starts) - np.minimum.reduceat(cols[order], starts) + 1
+    half = np.maximum(extent_r, extent_c) / 2
+    return list(zip(ids.tolist(), centre_r.tolist(), centre_c.tolist(), half.tolist()))
 
 
 def _ring(cx: float, cy: float, radius: float, ident: int, flagged: bool, *, label: bool) -> list[str]:
@@ -728,7 +734,8 @@ def motion_svg(volumes: list[int], fd_mm: list[float | None], translations_mm: d
 
 def run_figures(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, zooms_mm: tuple[float, float, float],
                 rows: list[dict[str, Any]], flags: list[dict[str, Any]] | None = None, *,
-                reference: np.ndarray | None = None) -> dict[str, str]:
+                reference: np.ndarray | None = None, labels: tuple[np.ndarray, int] | None = None,
+                components: list[dict[str, Any]] | None = None) -> dict[str, str]:
     """The three SVG figures of one run: ``{'mosaic', 'sagittal', 'area'}`` → SVG text.
 
     Parameters
@@ -745,9 +752,14 @@ def run_figures(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, zooms_m
         The run's flags; the slices they name are marked.
     reference : (X, Y, Z) ndarray, optional
         A manual mask on the same grid: drawn with ours, its per-slice Dice under each tile.
+    labels, components : optional
+        :func:`~episeg_bids.metrics.label_components` and
+        :func:`~episeg_bids.metrics.describe_components` of the mask, when the caller has them.
     """
-    labels = label_components(mask)
-    components = describe_components(mask, affine, zooms_mm, labels=labels)
+    if labels is None:
+        labels = label_components(mask)
+    if components is None:
+        components = describe_components(mask, affine, zooms_mm, labels=labels)
     volume = to_display(image, mask, affine, zooms_mm, labels=labels[0], reference=reference)
     slice_dice = None
     if reference is not None:
