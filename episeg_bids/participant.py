@@ -523,13 +523,20 @@ def process_inputs(runs: list[layout.Run], context: Context, pages_written: set[
     results: list[RunResult] = []
     progress = Progress(len(runs))
     last_of_subject = {subject_of(run): run.relpath for run in runs}
+    measured: dict[str, list[dict[str, Any]]] = {}   # this subject's component tables, by mask path
 
     def write(run: layout.Run, both: tuple[InputState, Segmented]) -> RunResult:
-        result = write_input(both[0], both[1], context)
+        segmented = both[1]
+        result = write_input(both[0], segmented, context)
+        out = context.options.output_dir
+        if result.status == "done" and segmented.components is not None:
+            measured[segmented.outputs.mask.relative_to(out).as_posix()] = segmented.components
         subject = subject_of(run)
         if pages_written is not None and last_of_subject[subject] == run.relpath:
-            write_subject_pages(context.options.output_dir, [subject])
+            write_subject_pages(out, [subject], measured=measured)
             pages_written.add(subject)
+        if last_of_subject[subject] == run.relpath:
+            measured.clear()
         return result
 
     def finish(work: Work) -> None:
@@ -588,12 +595,14 @@ def participant(options: Options) -> Summary:
     return summary
 
 
-def write_subject_pages(output_dir: Path, subjects: list[str]) -> None:
-    """The QC pages of these subjects, rebuilt from every result on disk; a failure is logged,
-    never fatal."""
+def write_subject_pages(output_dir: Path, subjects: list[str],
+                        measured: dict[str, list[dict[str, Any]]] | None = None) -> None:
+    """The QC pages of these subjects, rebuilt from every result on disk (``measured``: component
+    tables already at hand, see :func:`episeg_bids.qc.collect_runs`); a failure is logged, never
+    fatal."""
     for subject in subjects:
         try:
-            qc.write_subject_page(output_dir, subject)
+            qc.write_subject_page(output_dir, subject, measured=measured)
         except Exception as err:  # the masks are written; a report problem must not fail the run
             log.warning("QC page of sub-%s not written (%s: %s)", printable(subject), type(err).__name__, err)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ import re
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import quote, unquote, urlparse
 
 import nibabel as nib
@@ -81,7 +82,10 @@ GROUP_COLUMNS = {
 MAX_LISTED_COMPONENTS = 12
 
 
+@functools.lru_cache(maxsize=1)
 def _jinja() -> Environment:
+    """The template environment, built once per process (compiling the templates costs more than
+    rendering a page)."""
     env = Environment(loader=PackageLoader("episeg_bids", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.policies["json.dumps_kwargs"] = {"sort_keys": True, "ensure_ascii": False}
@@ -261,7 +265,7 @@ def _group_item(record: deriv.RunRecord, extra: dict, extra_date: str | None) ->
 
 def collect_runs(output_dir: Path, subject: str | None = None, *, rebuild: bool = True, extra: dict | None = None,
                  extra_date: str | None = None, redraw: frozenset[str] | set[str] = frozenset(),
-                 detail: bool = False) -> list[dict[str, Any]]:
+                 detail: bool = False, measured: Mapping[str, list[dict]] | None = None) -> list[dict[str, Any]]:
     """One plain dict per run record on disk (optionally of one subject), sorted by path.
 
     ``extra`` holds the group level's results (see :func:`write_dataset_report`). Missing figures
@@ -270,6 +274,9 @@ def collect_runs(output_dir: Path, subject: str | None = None, *, rebuild: bool 
     when the group level named one. With ``detail`` (subject pages), every component is measured
     from the mask and the motion table is plotted; without (the dataset report, rebuilt after
     every participant job), only what the sidecars hold is read: the flagged components.
+    ``measured`` holds component tables (:func:`episeg_bids.metrics.describe_components`) this
+    process has just measured, by mask path relative to ``output_dir``: used instead of reading
+    those masks again.
     """
     runs = []
     records, problems = deriv.run_records(output_dir, subject)
@@ -289,7 +296,8 @@ def collect_runs(output_dir: Path, subject: str | None = None, *, rebuild: bool 
                 log.warning("figures of %s cannot be drawn (%s)", record.mask_rel, err)
         missing = "" if drawn or complete else "figures missing and the segmented image was not found"
         with_reference = reference is not None and (drawn is not None or (complete and record.mask_rel not in redraw))
-        runs.append(_run_entry(record, None if missing else figures, missing, group, with_reference, detail))
+        table = (measured or {}).get(record.mask_rel)
+        runs.append(_run_entry(record, None if missing else figures, missing, group, with_reference, detail, table))
     return runs
 
 
@@ -322,11 +330,13 @@ def _component_row(item: dict[str, Any]) -> dict[str, Any]:
             "status": status, "flagged": item["flagged"]}
 
 
-def _components(record: deriv.RunRecord, measure: bool) -> tuple[list[dict[str, Any]], int]:
+def _components(record: deriv.RunRecord, measure: bool,
+                table: list[dict] | None = None) -> tuple[list[dict[str, Any]], int]:
     """The run's components for the report (main, flagged, then the largest others; at most
     :data:`MAX_LISTED_COMPONENTS`) and how many are left out; nothing for a one-component mask.
 
-    Measured from the mask when ``measure``, else the flagged ones recorded with the
+    When ``measure``: ``table`` (the mask's :func:`~episeg_bids.metrics.describe_components`), or
+    measured from the mask when it is None; else the flagged ones recorded with the
     ``components`` flag (no file read)."""
     count = record.metrics.get("components")
     if not isinstance(count, int) or count < 2:
@@ -340,8 +350,9 @@ def _components(record: deriv.RunRecord, measure: bool) -> tuple[list[dict[str, 
         except (KeyError, TypeError, ValueError):  # a flag of another version
             return [], count
     try:
-        img = nib.load(record.mask)
-        table = metrics.describe_components(np.asarray(img.dataobj), img.affine, _zooms(record, img))
+        if table is None:
+            img = nib.load(record.mask)
+            table = metrics.describe_components(np.asarray(img.dataobj), img.affine, _zooms(record, img))
     except Exception as err:  # a broken mask must not stop the report
         log.warning("components of %s cannot be measured (%s)", record.mask_rel, err)
         return [], 0
@@ -407,9 +418,9 @@ def _flag_entries(flags: list[dict[str, Any]], source: str) -> list[dict[str, An
 
 
 def _run_entry(record: deriv.RunRecord, figures: dict[str, str] | None, missing: str, group: dict[str, Any],
-               with_reference: bool, detail: bool) -> dict[str, Any]:
+               with_reference: bool, detail: bool, table: list[dict] | None = None) -> dict[str, Any]:
     """What the pages show of one run, as plain values (strings are escaped by the templates);
-    ``detail`` as :func:`collect_runs`."""
+    ``detail`` as :func:`collect_runs`; ``table``: the mask's components, when already measured."""
     meta, inputs, model, m = record.meta, record.inputs, record.model, record.metrics
     mask_rel, subject_dir = record.mask_rel, record.subject_dir
     name = Path(mask_rel).name
@@ -418,7 +429,7 @@ def _run_entry(record: deriv.RunRecord, figures: dict[str, str] | None, missing:
     flags = _flag_entries(record.flags, "run") + _flag_entries(group.get("flags") or [], "group")
     n_slices, covered = m.get("n_slices"), m.get("slices_with_cord")
     confidence = _number(m.get("confidence"))
-    components, more = _components(record, detail)
+    components, more = _components(record, detail, table)
     motion = _motion(record, detail)
     reference = reference_path(record.output_dir, group.get("ground_truth")) if with_reference else None
     return {
@@ -505,7 +516,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def write_subject_page(output_dir: Path, subject: str, *, extra: dict | None = None) -> Path:
+def write_subject_page(output_dir: Path, subject: str, *, extra: dict | None = None,
+                       measured: Mapping[str, list[dict]] | None = None) -> Path:
     """Write ``OUT/sub-<label>.html``: every run of the subject with its figures, metrics, flags,
     components, motion, the group level's results and provenance (inputs, model, options,
     timing, versions). ``subject`` with or without ``sub-``.
@@ -515,6 +527,9 @@ def write_subject_page(output_dir: Path, subject: str, *, extra: dict | None = N
     extra : dict, optional
         The group level's results (see :func:`write_dataset_report`); when None, those kept by
         the last group level.
+    measured : mapping, optional
+        Component tables already measured by the caller, by mask path relative to
+        ``output_dir`` (see :func:`collect_runs`).
 
     Returns
     -------
@@ -524,7 +539,7 @@ def write_subject_page(output_dir: Path, subject: str, *, extra: dict | None = N
     label = _subject_label(subject)
     output_dir = Path(output_dir)
     extra, extra_date = (extra, _now()) if extra is not None else _kept_extra(output_dir)
-    runs = collect_runs(output_dir, label, extra=extra, extra_date=extra_date, detail=True)
+    runs = collect_runs(output_dir, label, extra=extra, extra_date=extra_date, detail=True, measured=measured)
     for run in runs:
         run["figure_hrefs"] = {k: _href(v) for k, v in run["figures"].items()} if run["figures"] else None
     page = output_dir / f"sub-{label}.html"

@@ -361,6 +361,25 @@ def test_whole_field_view_rings_a_far_component_on_its_slice():
     assert ">components</text>" in svg                                   # the flag code on its tile
 
 
+def test_subject_page_uses_the_components_already_measured(tmp_path):
+    mask_path = write_run(tmp_path, "01")
+    img = nib.load(mask_path)
+    mask = np.asarray(img.dataobj).copy()
+    mask[0:2, 14:16, 0] = 1                                              # a far second component
+    deriv.write_nifti_atomic(mask, mask_path, affine=img.affine, dtype=np.uint8)
+    sidecar = mask_path.with_name(mask_path.name.replace(".nii.gz", ".json"))
+    meta = json.loads(sidecar.read_text())
+    meta["Metrics"]["components"] = 2
+    write_json_atomic(meta, sidecar)
+    key = mask_path.relative_to(tmp_path).as_posix()
+    table = metrics.describe_components(mask, img.affine, (1.0, 1.0, 4.0))
+    from_disk = qc.write_subject_page(tmp_path, "01").read_text()
+    assert from_disk == qc.write_subject_page(tmp_path, "01", measured={key: table}).read_text()
+    assert '<td class="num">4</td>' in from_disk                        # the far piece: 4 voxels
+    marked = [dict(c, voxels=c["voxels"] + 1000) for c in table]        # proves the table is the one shown
+    assert '<td class="num">1004</td>' in qc.write_subject_page(tmp_path, "01", measured={key: marked}).read_text()
+
+
 def write_manual(output_dir: Path, mask_path: Path, shift: int) -> Path:
     """A manual mask on the run's grid: the run's mask moved ``shift`` voxels along x."""
     img = nib.load(mask_path)
