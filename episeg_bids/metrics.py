@@ -82,10 +82,11 @@ def per_slice(mask: np.ndarray, affine: np.ndarray, zooms_mm: tuple[float, float
 
 
 def summary(mask: np.ndarray, affine: np.ndarray, zooms_mm: tuple[float, float, float],
-            rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+            rows: list[dict[str, Any]] | None = None, n_components: int | None = None) -> dict[str, Any]:
     """Whole-mask metrics for the sidecar and the group table.
 
-    ``rows`` are the :func:`per_slice` rows of the same mask when the caller already has them.
+    ``rows`` are the :func:`per_slice` rows of the same mask, and ``n_components`` its number of
+    components (:func:`label_components`), when the caller already has them.
 
     Returns
     -------
@@ -107,7 +108,7 @@ def summary(mask: np.ndarray, affine: np.ndarray, zooms_mm: tuple[float, float, 
         "first_slice": covered[0] if covered else None,
         "last_slice": covered[-1] if covered else None,
         "mean_area_mm2": round(float(np.mean(areas)), 3) if areas else None,
-        "components": count_components(mask),
+        "components": count_components(mask) if n_components is None else int(n_components),
     }
 
 

@@ -315,10 +315,10 @@ def measure_input(result: Segmented) -> None:
     volume, mask = result.volume, result.mask
     started = time.monotonic()
     rows = metrics.per_slice(mask, volume.affine, volume.zooms_mm)
-    summary = metrics.summary(mask, volume.affine, volume.zooms_mm, rows)
+    labels = metrics.label_components(mask)
+    summary = metrics.summary(mask, volume.affine, volume.zooms_mm, rows, n_components=labels[1])
     certainty = confidence.confidence_score(result.probability, mask, slice_axis=metrics.slice_axis(volume.affine))
     add_confidence(summary, rows, certainty)
-    labels = metrics.label_components(mask)
     components = metrics.describe_components(mask, volume.affine, volume.zooms_mm, labels=labels)
     flags = list(volume.flags) + metrics.quality_flags(mask, volume.affine, rows, summary, zooms_mm=volume.zooms_mm,
                                                        components=components)
@@ -515,7 +515,7 @@ def failed_result(run: layout.Run, error: BaseException, context: Context) -> Ru
     return RunResult(run, "failed", message=message, crash_file=crash)
 
 
-def process_inputs(runs: list[layout.Run], context: Context, pages_written: set[str] | None = None) -> list[RunResult]:
+def process_inputs(runs: list[layout.Run], context: Context, pages_written: set[str]) -> list[RunResult]:
     """Every input through the three stages, reading input k+1 and writing input k-1 while the
     network works on input k (:func:`episeg_bids.overlap.run_overlapped`); results, progress and
     log lines come in input order. The writer thread also writes a subject's QC page once the
@@ -532,10 +532,9 @@ def process_inputs(runs: list[layout.Run], context: Context, pages_written: set[
         if result.status == "done" and segmented.components is not None:
             measured[segmented.outputs.mask.relative_to(out).as_posix()] = segmented.components
         subject = subject_of(run)
-        if pages_written is not None and last_of_subject[subject] == run.relpath:
+        if last_of_subject[subject] == run.relpath:
             write_subject_pages(out, [subject], measured=measured)
             pages_written.add(subject)
-        if last_of_subject[subject] == run.relpath:
             measured.clear()
         return result
 

@@ -92,6 +92,12 @@ def test_label_components_numbers_by_size_then_position():
     assert n == 3 and labels.ravel().tolist() == [2, 0, 1, 1, 0, 3]      # the pair first, then left to right
 
 
+def test_summary_takes_the_component_count_from_the_labels_it_is_given():
+    from episeg_bids.metrics import label_components
+    mask, affine, zooms = cord_with([(44, 15, 2), (44, 25, 3)])          # the cord and two far voxels
+    labels = label_components(mask)
+    assert labels[1] == 3 and summary(mask, affine, zooms, n_components=labels[1]) == summary(mask, affine, zooms)
+
 def test_far_blob_is_flagged_with_its_slice_a_touching_speck_is_not():
     from episeg_bids.metrics import describe_components, quality_flags
     blob = [(x, y, 2) for x in (44, 45) for y in (15, 16)]              # 2×2×1 voxels of 1×1×5 mm = 20 mm³

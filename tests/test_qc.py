@@ -367,7 +367,7 @@ def test_subject_page_uses_the_components_already_measured(tmp_path):
     mask = np.asarray(img.dataobj).copy()
     mask[0:2, 14:16, 0] = 1                                              # a far second component
     deriv.write_nifti_atomic(mask, mask_path, affine=img.affine, dtype=np.uint8)
-    sidecar = mask_path.with_name(mask_path.name.replace(".nii.gz", ".json"))
+    sidecar = deriv.sidecar_of(mask_path)
     meta = json.loads(sidecar.read_text())
     meta["Metrics"]["components"] = 2
     write_json_atomic(meta, sidecar)
