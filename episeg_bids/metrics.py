@@ -214,6 +214,14 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return renumber[raw], int(n)
 
 
+def _per_component(ufunc: np.ufunc, values: np.ndarray, owner: np.ndarray, n: int, start: float) -> np.ndarray:
+    """``ufunc`` (np.minimum, np.maximum) of ``values`` over each component: ``owner[k]`` is the
+    0-based component of ``values[k]``; (n,) array, ``start`` where a component has no value."""
+    out = np.full(n, start, dtype=np.result_type(values, type(start)))
+    ufunc.at(out, owner, values)
+    return out
+
+
 def describe_components(mask: np.ndarray, affine: np.ndarray, zooms_mm: tuple[float, float, float] | None = None,
                         *, labels: tuple[np.ndarray, int] | None = None) -> list[dict[str, Any]]:
     """Every connected component of the mask: where it is, how big, how far from the cord.
@@ -243,25 +251,25 @@ def describe_components(mask: np.ndarray, affine: np.ndarray, zooms_mm: tuple[fl
     labelled, n = labels if labels is not None else label_components(mask)
     if n == 0:
         return []
+    flat = labelled.ravel()
+    where = np.flatnonzero(flat)                                      # mask voxels, C order
+    owner = flat[where] - 1                                           # their component, 0-based
     ids = np.arange(1, n + 1)
-    voxels = np.bincount(labelled.ravel(), minlength=n + 1)[1:]
-    voxel_mm3 = float(np.prod(zooms))
-    centres = np.atleast_2d(np.asarray(ndimage.center_of_mass(np.ones(labelled.shape), labelled, ids), float))
+    voxels = np.bincount(owner, minlength=n)
+    coords = np.unravel_index(where, labelled.shape)                  # voxel indices, per axis
+    centres = np.column_stack([np.bincount(owner, c, minlength=n) for c in coords]) / voxels[:, None]
     world = centres @ np.asarray(affine, float)[:3, :3].T + np.asarray(affine, float)[:3, 3]
+    gaps = np.zeros(n)
     if n > 1:
         # distance from the main component's voxel boxes = distance of voxel centres to the main
         # component grown by one voxel in every direction (26-neighbourhood), with anisotropic voxels
         grown = ndimage.binary_dilation(labelled == 1, structure=np.ones((3, 3, 3), bool))
         distance = ndimage.distance_transform_edt(~grown, sampling=zooms)
-        gaps = np.asarray(ndimage.minimum(distance, labelled, ids), float).reshape(-1)
-    else:
-        gaps = np.zeros(1)
-    axis = slice_axis(affine)
-    along = np.indices(labelled.shape, sparse=True)[axis]            # each voxel's slice index
-    along = np.broadcast_to(along, labelled.shape)
-    first = np.asarray(ndimage.minimum(along, labelled, ids), int).reshape(-1)
-    last = np.asarray(ndimage.maximum(along, labelled, ids), int).reshape(-1)
-    volumes = voxels * voxel_mm3
+        gaps = _per_component(np.minimum, distance.ravel()[where], owner, n, np.inf)
+    along = coords[slice_axis(affine)]                                # each voxel's slice index
+    first = _per_component(np.minimum, along, owner, n, labelled.shape[slice_axis(affine)])
+    last = _per_component(np.maximum, along, owner, n, -1)
+    volumes = voxels * float(np.prod(zooms))
     main_mm3 = float(volumes[0])
     specks = (voxels < COMPONENT_MIN_VOXELS) | (volumes < COMPONENT_MIN_VOLUME_MM3)
     flagged = ~specks & ((gaps >= COMPONENT_MIN_DISTANCE_MM) | (volumes >= COMPONENT_LARGE_FRACTION * main_mm3))

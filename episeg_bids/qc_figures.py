@@ -296,14 +296,26 @@ def png_bytes(grey: np.ndarray) -> bytes:
             + chunk(b"IEND", b""))
 
 
-def _row_runs(mask: np.ndarray) -> tuple[list[int], list[int], list[int]]:
+def _row_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The runs of True along the rows of a 2D bool array, in row-major order: their row, start
-    column and stop column (exclusive), as plain lists (one NumPy pass for the whole array, so a
+    column and stop column (exclusive), as int arrays (one NumPy pass for the whole array, so a
     mask of thousands of pieces costs no Python loop over rows)."""
     edges = np.diff(np.pad(np.asarray(mask, bool), ((0, 0), (1, 1))).astype(np.int8), axis=1)
     rows, starts = np.nonzero(edges == 1)
     _, stops = np.nonzero(edges == -1)        # the k-th stop closes the k-th start (row-major)
-    return rows.tolist(), starts.tolist(), stops.tolist()
+    return rows, starts, stops
+
+
+def _repeat_format(template: str, *columns: np.ndarray) -> str:
+    """``template`` %-formatted with the k-th value of every column, for each k, concatenated.
+
+    The values become Python numbers first (``tolist``), so ``%s`` prints them exactly as an
+    f-string would (``3``, ``2.5``); one format call covers every run of a mask, so a failed
+    model's thousands of pieces cost no Python loop."""
+    table = np.empty((len(columns[0]), len(columns)), dtype=object)
+    for j, column in enumerate(columns):
+        table[:, j] = column.tolist()
+    return (template * table.shape[0]) % tuple(table.ravel().tolist())
 
 
 def contour_path(mask: np.ndarray, x0: int, y0: int, sx: int, sy: int) -> str:
@@ -312,15 +324,17 @@ def contour_path(mask: np.ndarray, x0: int, y0: int, sx: int, sy: int) -> str:
     padded = np.pad(np.asarray(mask, bool), 1)
     horizontal = padded[1:, 1:-1] != padded[:-1, 1:-1]          # edge above row r
     vertical = (padded[1:-1, 1:] != padded[1:-1, :-1]).T        # edge left of column c
-    parts = [f"M{x0 + a * sx} {y0 + r * sy}H{x0 + b * sx}" for r, a, b in zip(*_row_runs(horizontal))]
-    parts += [f"M{x0 + c * sx} {y0 + a * sy}V{y0 + b * sy}" for c, a, b in zip(*_row_runs(vertical))]
-    return "".join(parts)
+    r, a, b = _row_runs(horizontal)
+    c, top, bottom = _row_runs(vertical)
+    return (_repeat_format("M%s %sH%s", x0 + a * sx, y0 + r * sy, x0 + b * sx)
+            + _repeat_format("M%s %sV%s", x0 + c * sx, y0 + top * sy, y0 + bottom * sy))
 
 
 def fill_path(mask: np.ndarray, x0: int, y0: int, sx: int, sy: int) -> str:
     """SVG path of rectangles covering the mask voxels, one per run along a row."""
-    return "".join(f"M{x0 + a * sx} {y0 + r * sy}h{(b - a) * sx}v{sy}h{-(b - a) * sx}z"
-                   for r, a, b in zip(*_row_runs(mask)))
+    r, a, b = _row_runs(mask)
+    width = (b - a) * sx
+    return _repeat_format("M%s %sh%sv%sh%sz", x0 + a * sx, y0 + r * sy, width, np.full(len(r), sy), -width)
 
 
 def _text(x: float, y: float, content: str, *, anchor: str = "start", colour: str = "#fff",

@@ -164,6 +164,31 @@ def test_components_are_the_same_whatever_the_storage_order():
     assert key(describe_components(stored, stored_affine, stored_zooms)) == key(original)
 
 
+def test_components_of_a_failed_model_match_scipy_per_component():
+    """Thousands of pieces (a failed model) are measured with array operations; each one's size,
+    slices, centroid and distance agree with scipy.ndimage's per-label functions."""
+    from scipy import ndimage
+    from episeg_bids.metrics import describe_components, label_components
+    rng = np.random.default_rng(7)
+    mask = ndimage.gaussian_filter(rng.standard_normal((40, 36, 9)), 0.7) > 0.3
+    zooms = (0.9, 1.1, 4.0)
+    affine = np.diag([*zooms, 1.0])
+    affine[:3, 3] = (-20.0, 13.0, 7.5)
+    labels, n = label_components(mask)
+    table = describe_components(mask, affine, zooms, labels=(labels, n))
+    assert n > 200 and [c["id"] for c in table] == list(range(1, n + 1))
+    ids = np.arange(1, n + 1)
+    z_index = np.broadcast_to(np.arange(9), mask.shape)
+    centres = np.asarray(ndimage.center_of_mass(np.ones(mask.shape), labels, ids)) * zooms + affine[:3, 3]
+    grown = ndimage.binary_dilation(labels == 1, structure=np.ones((3, 3, 3), bool))
+    gaps = ndimage.minimum(ndimage.distance_transform_edt(~grown, sampling=zooms), labels, ids)
+    assert [c["voxels"] for c in table] == ndimage.sum_labels(np.ones(mask.shape), labels, ids).astype(int).tolist()
+    assert [c["first_slice"] for c in table] == np.asarray(ndimage.minimum(z_index, labels, ids), int).tolist()
+    assert [c["last_slice"] for c in table] == np.asarray(ndimage.maximum(z_index, labels, ids), int).tolist()
+    np.testing.assert_allclose([c["centroid_mm"] for c in table], centres, atol=0.005 + 1e-9)
+    np.testing.assert_allclose([c["distance_mm"] for c in table[1:]], gaps[1:], atol=0.005 + 1e-9)
+
+
 def test_edge_flag_names_its_slices():
     from episeg_bids.metrics import quality_flags
     mask, affine, zooms = cord_with([(0, 15, 3), (1, 15, 3), (2, 15, 3), (3, 15, 3), (4, 15, 3), (5, 15, 3)])

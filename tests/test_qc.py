@@ -174,6 +174,31 @@ def test_sagittal_plane_through_the_median_left_right_position_superior_up():
 def test_contour_follows_voxel_edges():
     assert fig.contour_path(np.array([[True]]), 10, 20, 4, 3) == "M10 20H14M10 23H14M10 20V23M14 20V23"
     assert fig.fill_path(np.array([[False, True, True]]), 0, 0, 2, 2) == "M2 0h4v2h-4z"
+    assert fig.fill_path(np.zeros((3, 3), bool), 0, 0, 1, 1) == fig.contour_path(np.zeros((3, 3), bool), 0, 0, 1, 1) == ""
+
+
+def test_paths_print_coordinates_as_python_numbers():
+    """One format call for all runs prints exactly what one f-string per run would: ints as ints,
+    floats as Python prints them (``0.0``, ``2.5``)."""
+    assert fig.fill_path(np.array([[True, False, True]]), 0.5, 1, 1.5, 2) == "M0.5 1h1.5v2h-1.5zM3.5 1h1.5v2h-1.5z"
+    assert fig.contour_path(np.array([[True]]), 0, 0, 2.5, 1) == "M0.0 0H2.5M0.0 1H2.5M0.0 0V1M2.5 0V1"
+    rng = np.random.default_rng(3)
+    mask = rng.random((40, 30)) < 0.4
+    runs = [(r, a, b) for r in range(40) for a, b in _runs(mask[r])]
+    assert fig.fill_path(mask, 3, 7, 2, 3) == "".join(f"M{3 + a * 2} {7 + r * 3}h{(b - a) * 2}v3h{-(b - a) * 2}z"
+                                                       for r, a, b in runs)
+
+
+def _runs(row: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of each run of True in a 1D bool array, by a plain loop."""
+    out, start = [], None
+    for i, value in enumerate([*row.tolist(), False]):
+        if value and start is None:
+            start = i
+        elif not value and start is not None:
+            out.append((start, i))
+            start = None
+    return out
 
 
 # --- files: PNG, SVG, determinism ---------------------------------------------------------------
