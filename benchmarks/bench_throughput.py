@@ -31,6 +31,11 @@ segmentation measurements rotates between repeats so a change of machine load hi
 4. the temporal mean of each 4D run against one native read (``bench_mean.measure``: fresh process,
    wall time and peak memory ``VmHWM``).
 
+5. 1-3 again with a cheap network (``--cheap-features``, default 4-8-16-32-40-40: the same 6 stages,
+   patch and nnUNetv2 pipeline, ~0.5 M parameters, ~0.3 s per volume here): a stand-in for EPISeg on
+   a GPU (~0.1 s per volume), where start-up and the app's own work, not the network, decide the
+   ratios; plus one instrumented app run with the real cord mask downstream.
+
 Every process's wall time, CPU time and peak memory come from ``os.wait4``. Finally the app is run
 once more (same arguments) through ``episeg_bids.cli.main`` with its stage functions wrapped by
 timers (nothing else changes), to show where its time goes beyond the floor, stage by stage.
@@ -39,6 +44,7 @@ Goals (issue 10): app / floor <= 1.15; per-image loop / app >= 5 at N = 10; 4D m
 read <= 1.2; its peak memory / native read <= 0.5.
 
     .venv/bin/python benchmarks/bench_throughput.py [--n 10] [--threads T] [--repeats 2] [--keep]
+        [--cheap-features 4,8,16,32,40,40 | none]
 """
 
 from __future__ import annotations
@@ -81,6 +87,10 @@ GOAL_APP_OVER_FLOOR = 1.15
 GOAL_LOOP_OVER_APP = 5.0
 GOAL_MEAN_TIME = 1.2
 GOAL_MEAN_PEAK = 0.5
+#: Features per stage of the cheap network (same 6 stages, patch and pipeline as EPISeg's): its
+#: predict_single_npy_array costs ~0.3 s per 128x128x24 volume on 2 CPU threads, of the order of
+#: EPISeg's ~0.1 s on a GPU, so the app's own costs show as they would on a GPU node.
+CHEAP_FEATURES = [4, 8, 16, 32, 40, 40]
 
 # --- child processes --------------------------------------------------------------------------------
 # Every child gets BENCH_LAUNCH_EPOCH = the parent's time.time() just before the fork, so it can say
@@ -363,6 +373,9 @@ def measure_app(tmp: Path, ds: Path, model_dir: Path, threads: int, n: int, tag:
     if len(sidecars) != n:
         raise SystemExit(f"the app wrote {len(sidecars)} mask sidecars, expected {n}; log:\n{result['stderr']}")
     result["timings"] = [json.loads(p.read_text()).get("RunTimeSeconds", {}) for p in sidecars]
+    metrics = [json.loads(p.read_text()).get("Metrics", {}) for p in sidecars]
+    result["voxels"] = [m.get("voxels") for m in metrics]
+    result["components"] = [m.get("components") for m in metrics]
     result["threads_recorded"] = sorted({json.loads(p.read_text()).get("Predictor", {}).get("Threads") for p in sidecars},
                                         key=str)
     result["cmd"] = cmd
@@ -382,6 +395,39 @@ def measure_loop(tmp: Path, model_dir: Path, means: list[Path], threads: int, ta
         cpus.append(result["cpu"])
         peaks.append(result["peak_mb"])
     return {"wall": time.perf_counter() - started, "per_image": walls, "cpu": sum(cpus), "peak_mb": max(peaks)}
+
+
+def measure_segmentation(tmp: Path, model_dir: Path, means: list[Path], threads: int, n: int, repeats: int,
+                         prefix: str = "") -> tuple[list[dict], list[dict], list[dict]]:
+    """Floor, app and per-image loop, each ``repeats`` times, the order rotating between repeats
+    (so a change of machine load hits the three alike); one line printed per measurement."""
+    floors, apps, loops = [], [], []
+    for repeat in range(repeats):
+        order = ["floor", "app", "loop"]
+        order = order[repeat % 3:] + order[:repeat % 3]
+        for what in order:
+            tag = f"{prefix}r{repeat + 1}"
+            load = os.getloadavg()[0]
+            if what == "floor":
+                result = measure_floor(tmp, model_dir, means, threads, tag)
+                floors.append(result)
+                detail = f"predict {result['predict_total']:.1f} s"
+            elif what == "app":
+                result = measure_app(tmp, tmp / "ds", model_dir, threads, n, tag)
+                apps.append(result)
+                detail = f"threads recorded in the sidecars {result['threads_recorded']}"
+            else:
+                result = measure_loop(tmp, model_dir, means, threads, tag)
+                loops.append(result)
+                detail = f"median {median(result['per_image']):.1f} s per process"
+            say(f"  {prefix}repeat {repeat + 1} {what:5}: {result['wall']:6.1f} s wall, {result['cpu']:6.1f} s CPU, "
+                f"peak {result['peak_mb']:5.0f} MB ({detail}; 1-min load at start {load:.2f})")
+    return floors, apps, loops
+
+
+def paired_ratios(numerators: list[dict], denominators: list[dict]) -> list[float]:
+    """Wall-time ratio within each repeat (the two measured minutes apart, under the same load)."""
+    return [a["wall"] / b["wall"] for a, b in zip(numerators, denominators)]
 
 
 def measure_profile(tmp: Path, ds: Path, model_dir: Path, threads: int, tag: str,
@@ -491,10 +537,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="times each measurement is repeated (medians); default 2")
     parser.add_argument("--volumes", type=int, default=200, help="volumes of each 4D run; default 200")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (printed)")
+    parser.add_argument("--cheap-features", default=",".join(map(str, CHEAP_FEATURES)),
+                        help="features per stage of the cheap network measured as well (a stand-in for EPISeg on a "
+                             "GPU: same architecture, patch and pipeline); 'none' to skip; default %(default)s")
     args = parser.parse_args()
     if args.n < 1 or args.repeats < 1 or args.volumes < 1:
         parser.error("--n, --repeats and --volumes must be at least 1")
     threads = args.threads or available_cpus()
+    cheap_features = None if args.cheap_features.lower() == "none" else [int(v) for v in args.cheap_features.split(",")]
     load_start = load_text()
 
     say("# bench_throughput (issue 10)")
@@ -516,6 +566,11 @@ def main() -> None:
         checkpoint = trainer / "fold_all" / "checkpoint_final.pth"
         say(f"model: EPISeg-size random weights, {count_parameters(trainer) / 1e6:.1f} M parameters, "
             f"checkpoint {checkpoint.stat().st_size / 2**20:.0f} MB")
+        if cheap_features:
+            cheap_dir = tmp / "model-cheap"
+            cheap_trainer = build_episeg_size_model(cheap_dir, features=cheap_features)
+            say(f"cheap network (GPU stand-in): the same with features {cheap_features}, "
+                f"{count_parameters(cheap_trainer) / 1e6:.2f} M parameters")
         means = build_dataset(tmp / "ds", args.n, rng)
         say(f"dataset: {args.n} x 128x128x24 float32 means (1x1x5 mm, LAS), ds005143 layout, in {tmp / 'ds'}")
         runs4d = build_runs_4d(tmp / "runs4d", args.n, args.volumes, rng)
@@ -523,27 +578,7 @@ def main() -> None:
             f"({runs4d[0].stat().st_size / 2**20:.0f} MB each on disk), outside the dataset")
         say(f"inputs built in {time.perf_counter() - started:.0f} s\n")
 
-        floors, apps, loops = [], [], []
-        for repeat in range(args.repeats):
-            order = ["floor", "app", "loop"]
-            order = order[repeat % 3:] + order[:repeat % 3]
-            for what in order:
-                tag = f"r{repeat + 1}"
-                load = os.getloadavg()[0]
-                if what == "floor":
-                    result = measure_floor(tmp, model_dir, means, threads, tag)
-                    floors.append(result)
-                    detail = f"predict {result['predict_total']:.1f} s"
-                elif what == "app":
-                    result = measure_app(tmp, tmp / "ds", model_dir, threads, args.n, tag)
-                    apps.append(result)
-                    detail = f"threads recorded in the sidecars {result['threads_recorded']}"
-                else:
-                    result = measure_loop(tmp, model_dir, means, threads, tag)
-                    loops.append(result)
-                    detail = f"median {median(result['per_image']):.1f} s per process"
-                say(f"  repeat {repeat + 1} {what:5}: {result['wall']:6.1f} s wall, {result['cpu']:6.1f} s CPU, "
-                    f"peak {result['peak_mb']:5.0f} MB ({detail}; 1-min load at start {load:.2f})")
+        floors, apps, loops = measure_segmentation(tmp, model_dir, means, threads, args.n, args.repeats)
 
         profiles = {}
         for tag, cord in (("random", None), ("cord", CORD_MASK)):
@@ -553,6 +588,15 @@ def main() -> None:
             say(f"  instrumented app, {PROFILE_NAMES[tag]}: {result['wall']:6.1f} s wall, {result['cpu']:6.1f} s CPU, "
                 f"peak {result['peak_mb']:5.0f} MB (mask components: median {median(data['components']):.0f}; "
                 f"1-min load at start {load:.2f})")
+
+        cheap = None
+        if cheap_features:
+            say(f"  cheap network {cheap_features} (GPU stand-in):")
+            cheap = measure_segmentation(tmp, cheap_dir, means, threads, args.n, args.repeats, prefix="cheap-")
+            load = os.getloadavg()[0]
+            cheap_cord = measure_profile(tmp, tmp / "ds", cheap_dir, threads, "cheap-cord", CORD_MASK)
+            say(f"  cheap-instrumented app, {PROFILE_NAMES['cord']}: {cheap_cord[0]['wall']:6.1f} s wall, "
+                f"{cheap_cord[0]['cpu']:6.1f} s CPU (1-min load at start {load:.2f})")
 
         say("  4D mean vs native read (bench_mean.measure, fresh processes) ...")
         mean_results: dict[str, list[dict]] = {"native": [], "mean": [], "baseline": []}
@@ -666,6 +710,32 @@ def main() -> None:
         say(f"  indicative (single instrumented runs, not the goal): B / floor median = "
             f"{profiles['cord'][0]['wall'] / floor_wall:.2f}, A / floor median = {profiles['random'][0]['wall'] / floor_wall:.2f}")
 
+        # --- the cheap network ---------------------------------------------------------------------
+        if cheap:
+            c_floors, c_apps, c_loops = cheap
+            c_floor, c_app, c_loop = (median(r["wall"] for r in runs) for runs in cheap)
+            c_predict = [t for r in c_floors for t in r["predict_s"][1:]]
+            c_net = [e[3] - e[2] for e in cheap_cord[1]["events"] if e[0] == "network (predict_single_npy_array)"]
+            say(f"\n## The same with a cheap network {cheap_features} (a stand-in for EPISeg on a GPU; median of "
+                f"{args.repeats})")
+            say(f"Same architecture, patch, nnUNetv2 pipeline and dataset, fewer features: predict_single_npy_array "
+                f"takes {median(c_predict):.2f} s per volume (floor, volumes 2..N) instead of "
+                f"{median(t for r in floors for t in r['predict_s'][1:]):.2f} s, so what is not the network shows.")
+            say(f"{'':52} {'wall s':>7} {'per vol s':>9} {'CPU s':>7}   runs (wall s)")
+            for name, runs in (("compute floor (1 process, bare predict)", c_floors),
+                               ("episeg-bids participant (run.py)", c_apps),
+                               ("one process per image (start, load, predict, write)", c_loops)):
+                wall = median(r["wall"] for r in runs)
+                say(f"{name:52} {wall:7.1f} {wall / args.n:9.2f} {median(r['cpu'] for r in runs):7.1f}   "
+                    + ", ".join(f"{r['wall']:.1f}" for r in runs))
+            voxels_3d = int(np.prod(nib.load(means[0]).shape[:3]))
+            say(f"  the timed app's masks (random weights): the cheap network labels "
+                f"{100 * median(c_apps[0]['voxels']) / voxels_3d:.0f} % of each volume in "
+                f"~{median(c_apps[0]['components']):.0f} pieces (metrics, figures and pages cost more than with a "
+                "real cord mask; the next line has the real mask)")
+            say(f"  instrumented app, {PROFILE_NAMES['cord']}: {cheap_cord[0]['wall']:.1f} s wall (network per volume "
+                f"{median(c_net) if c_net else float('nan'):.2f} s)")
+
         # --- ratios and goals ---------------------------------------------------------------------
         app_over_floor = app_wall / floor_wall
         loop_over_app = loop_wall / app_wall
@@ -679,6 +749,15 @@ def main() -> None:
             f"{profiles['cord'][0]['wall'] / floor_wall:5.2f}, A (random masks) / floor "
             f"{profiles['random'][0]['wall'] / floor_wall:5.2f}; loop / B {loop_wall / profiles['cord'][0]['wall']:5.2f}")
         say(f"  per-image loop / compute floor {loop_wall / floor_wall:5.2f}  (the best loop / app any app can reach here)")
+        say(f"  app / floor, median of the per-repeat ratios {median(paired_ratios(apps, floors)):5.2f}  (a check "
+            "on the ratio of medians: each pair measured minutes apart, under the same load)")
+        if cheap:
+            say(f"  cheap network (GPU stand-in): app / floor {c_app / c_floor:5.2f}, loop / app {c_loop / c_app:5.2f}, "
+                f"loop / floor {c_loop / c_floor:5.2f}; per repeat app / floor "
+                + ", ".join(f"{v:.2f}" for v in paired_ratios(c_apps, c_floors)) + ", loop / app "
+                + ", ".join(f"{v:.2f}" for v in paired_ratios(c_loops, c_apps)))
+            say(f"  cheap network, indicative single instrumented run with the real cord mask downstream: "
+                f"B / floor {cheap_cord[0]['wall'] / c_floor:5.2f}, loop / B {c_loop / cheap_cord[0]['wall']:5.2f}")
         say(f"  4D mean time / native read     {time_ratio:5.2f}  (goal <= {GOAL_MEAN_TIME})")
         say(f"  4D mean peak / native read     {peak_ratio:5.2f}  (goal <= {GOAL_MEAN_PEAK})")
         say("")

@@ -38,8 +38,9 @@ PATCH_ZYX = [24, 128, 128]
 SPACING_ZYX_MM = [5.0, 1.0, 1.0]
 
 
-def episeg_size_plans() -> dict:
-    """The demo model's plans with EPISeg's architecture, patch size and target spacing."""
+def episeg_size_plans(features: list[int] = FEATURES) -> dict:
+    """The demo model's plans with EPISeg's architecture, patch size and target spacing
+    (``features``: the features per stage, EPISeg's by default)."""
     plans = json.loads((DEMO_TRAINER / "plans.json").read_text())
     plans["dataset_name"] = "Dataset902_EPISegSizeBenchmark"
     plans["experiment_planner_used"] = "benchmarks/episeg_size_model.py"
@@ -50,9 +51,11 @@ def episeg_size_plans() -> dict:
     config["use_mask_for_norm"] = [False]
     kwargs = config["architecture"]["arch_kwargs"]
     n_stages = len(FEATURES)
+    if len(features) != n_stages:
+        raise ValueError(f"features must give {n_stages} stages, got {features}")
     kwargs.update(
         n_stages=n_stages,
-        features_per_stage=list(FEATURES),
+        features_per_stage=list(features),
         kernel_sizes=copy.deepcopy(KERNELS),
         strides=copy.deepcopy(STRIDES),
         n_conv_per_stage=[2] * n_stages,
@@ -72,7 +75,7 @@ def episeg_size_dataset_json() -> dict:
     }
 
 
-def build_episeg_size_model(folder: Path, *, seed: int = 0) -> Path:
+def build_episeg_size_model(folder: Path, *, seed: int = 0, features: list[int] = FEATURES) -> Path:
     """Write a complete nnUNetv2 model folder of EPISeg's size with random weights.
 
     Parameters
@@ -81,6 +84,9 @@ def build_episeg_size_model(folder: Path, *, seed: int = 0) -> Path:
         Created if needed; the trainer folder is written inside it (an existing one is overwritten).
     seed : int, keyword-only
         Seed of torch's generator for the random initial weights.
+    features : list of int, keyword-only
+        Features per stage (6 values); EPISeg's by default. Fewer features give the same
+        architecture, patch and pipeline with a cheaper network (a stand-in for a GPU).
 
     Returns
     -------
@@ -93,7 +99,7 @@ def build_episeg_size_model(folder: Path, *, seed: int = 0) -> Path:
 
     from episeg_bids.model import network_from_plans
 
-    plans = episeg_size_plans()
+    plans = episeg_size_plans(features)
     dataset_json = episeg_size_dataset_json()
     manager = PlansManager(plans)
     configuration = manager.get_configuration(CONFIGURATION)
