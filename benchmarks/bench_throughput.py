@@ -17,12 +17,12 @@ Then measures, each timed thing ``--repeats`` times (medians printed; the order 
 segmentation measurements rotates between repeats so a change of machine load hits them alike):
 
 1. compute floor: ONE fresh Python process that imports torch/nnunetv2, builds the predictor once
-   (``episeg_bids.model.load_predictor(locate_model(folder), threads=T)``) and, for each mean, reads
+   (``episeg_bids.model.load_predictor(locate_model(folder), device=D, threads=T)``) and, for each mean, reads
    it with nibabel, reorients it as ``episeg_bids.segment.to_network_input`` does (SCT's layout:
    ``data.transpose(2, 1, 0)[None].astype(float32)``, spacing reversed) and calls the bare
    ``predictor.predict_single_npy_array``: wall time of the whole process and the predict time alone;
 2. the app: ``python run.py DS OUT participant --model-dir MODEL --skip-bids-validation -w WORK
-   --omp-nthreads T -v`` (fresh output and work folders each time): wall time of the whole process,
+   --omp-nthreads T --device D -v`` (fresh output and work folders each time): wall time of the whole process,
    and the medians of the per-run ``RunTimeSeconds`` of the mask sidecars;
 3. one process per image, the way ``sct_deepseg`` is used: N fresh processes, each starts Python,
    imports, loads the model, reads one image, predicts, writes the mask with nibabel: total wall.
@@ -40,11 +40,14 @@ Every process's wall time, CPU time and peak memory come from ``os.wait4``. Fina
 once more (same arguments) through ``episeg_bids.cli.main`` with its stage functions wrapped by
 timers (nothing else changes), to show where its time goes beyond the floor, stage by stage.
 
+``--device cuda`` runs the network of all three on the GPU (D above; default cpu), for the GPU figures
+issue 10 asks for; the cheap network (5) is then of little interest (``--cheap-features none``).
+
 Goals (issue 10): app / floor <= 1.15; per-image loop / app >= 5 at N = 10; 4D mean time / native
 read <= 1.2; its peak memory / native read <= 0.5.
 
-    .venv/bin/python benchmarks/bench_throughput.py [--n 10] [--threads T] [--repeats 2] [--keep]
-        [--cheap-features 4,8,16,32,40,40 | none]
+    .venv/bin/python benchmarks/bench_throughput.py [--n 10] [--threads T] [--device cpu|cuda] [--repeats 2]
+        [--keep] [--cheap-features 4,8,16,32,40,40 | none]
 """
 
 from __future__ import annotations
@@ -104,8 +107,8 @@ import nibabel as nib, numpy as np, torch
 import nnunetv2.inference.predict_from_raw_data
 from episeg_bids import model, segment
 t_imports = time.time() - LAUNCH
-folder, threads, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-predictor = model.load_predictor(model.locate_model(folder), threads=threads)
+folder, threads, device, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+predictor = model.load_predictor(model.locate_model(folder), device=device, threads=threads)
 t_loaded = time.time() - LAUNCH
 read_s, predict_s, voxels = [], [], []
 for path in paths:
@@ -129,7 +132,7 @@ import sys
 from pathlib import Path
 import nibabel as nib, numpy as np
 from episeg_bids import model, segment
-folder, threads, source, target = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+folder, threads, device, source, target = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 trainer = model.find_trainer_folder(folder)
 folds = model.find_folds(trainer)
 try:   # as SCT: find the folder, folds and checkpoint, no checksum of the 116 MB checkpoint
@@ -137,7 +140,7 @@ try:   # as SCT: find the folder, folds and checkpoint, no checksum of the 116 M
                            checkpoint_sha256={}, source={"path": str(trainer)}, is_demo=False)
 except TypeError:  # ModelSpec changed: fall back to the package's own lookup
     spec = model.locate_model(folder)
-predictor = model.load_predictor(spec, threads=threads)
+predictor = model.load_predictor(spec, device=device, threads=threads)
 img = nib.load(source)
 data = img.get_fdata(dtype=np.float32)
 ornt = segment.reorientation(img.affine)
@@ -352,22 +355,22 @@ def build_runs_4d(folder: Path, n: int, volumes: int, rng: np.random.Generator) 
 
 # --- the measurements --------------------------------------------------------------------------------
 
-def measure_floor(tmp: Path, model_dir: Path, means: list[Path], threads: int, tag: str) -> dict:
-    result = check(run_process([sys.executable, "-c", FLOOR_CHILD, str(model_dir), str(threads), *map(str, means)],
+def measure_floor(tmp: Path, model_dir: Path, means: list[Path], threads: int, device: str, tag: str) -> dict:
+    result = check(run_process([sys.executable, "-c", FLOOR_CHILD, str(model_dir), str(threads), device, *map(str, means)],
                                tmp / "logs" / f"floor-{tag}", tmp), "the compute floor")
     result.update(json.loads(result["stdout"].strip().splitlines()[-1]))
     result["predict_total"] = sum(result["predict_s"])
     return result
 
 
-def app_args(ds: Path, out: Path, model_dir: Path, work: Path, threads: int) -> list[str]:
+def app_args(ds: Path, out: Path, model_dir: Path, work: Path, threads: int, device: str) -> list[str]:
     return [str(ds), str(out), "participant", "--model-dir", str(model_dir), "--skip-bids-validation",
-            "-w", str(work), "--omp-nthreads", str(threads), "-v"]
+            "-w", str(work), "--omp-nthreads", str(threads), "--device", device, "-v"]
 
 
-def measure_app(tmp: Path, ds: Path, model_dir: Path, threads: int, n: int, tag: str) -> dict:
+def measure_app(tmp: Path, ds: Path, model_dir: Path, threads: int, device: str, n: int, tag: str) -> dict:
     out, work = tmp / f"app-out-{tag}", tmp / f"app-work-{tag}"
-    cmd = [sys.executable, str(RUN_PY), *app_args(ds, out, model_dir, work, threads)]
+    cmd = [sys.executable, str(RUN_PY), *app_args(ds, out, model_dir, work, threads, device)]
     result = check(run_process(cmd, tmp / "logs" / f"app-{tag}", tmp), "the app")
     sidecars = sorted(out.glob("sub-*/func/*_mask.json"))
     if len(sidecars) != n:
@@ -382,14 +385,14 @@ def measure_app(tmp: Path, ds: Path, model_dir: Path, threads: int, n: int, tag:
     return result
 
 
-def measure_loop(tmp: Path, model_dir: Path, means: list[Path], threads: int, tag: str) -> dict:
+def measure_loop(tmp: Path, model_dir: Path, means: list[Path], threads: int, device: str, tag: str) -> dict:
     folder = tmp / f"loop-out-{tag}"
     folder.mkdir()
     walls, cpus, peaks = [], [], []
     started = time.perf_counter()
     for index, path in enumerate(means):
         target = folder / path.name.replace("_bold.nii.gz", "_mask.nii.gz")
-        result = check(run_process([sys.executable, "-c", LOOP_CHILD, str(model_dir), str(threads), str(path), str(target)],
+        result = check(run_process([sys.executable, "-c", LOOP_CHILD, str(model_dir), str(threads), device, str(path), str(target)],
                                    tmp / "logs" / f"loop-{tag}-{index:02d}", tmp), "a per-image process")
         walls.append(result["wall"])
         cpus.append(result["cpu"])
@@ -397,8 +400,8 @@ def measure_loop(tmp: Path, model_dir: Path, means: list[Path], threads: int, ta
     return {"wall": time.perf_counter() - started, "per_image": walls, "cpu": sum(cpus), "peak_mb": max(peaks)}
 
 
-def measure_segmentation(tmp: Path, model_dir: Path, means: list[Path], threads: int, n: int, repeats: int,
-                         prefix: str = "") -> tuple[list[dict], list[dict], list[dict]]:
+def measure_segmentation(tmp: Path, model_dir: Path, means: list[Path], threads: int, device: str, n: int,
+                         repeats: int, prefix: str = "") -> tuple[list[dict], list[dict], list[dict]]:
     """Floor, app and per-image loop, each ``repeats`` times, the order rotating between repeats
     (so a change of machine load hits the three alike); one line printed per measurement."""
     floors, apps, loops = [], [], []
@@ -409,15 +412,15 @@ def measure_segmentation(tmp: Path, model_dir: Path, means: list[Path], threads:
             tag = f"{prefix}r{repeat + 1}"
             load = os.getloadavg()[0]
             if what == "floor":
-                result = measure_floor(tmp, model_dir, means, threads, tag)
+                result = measure_floor(tmp, model_dir, means, threads, device, tag)
                 floors.append(result)
                 detail = f"predict {result['predict_total']:.1f} s"
             elif what == "app":
-                result = measure_app(tmp, tmp / "ds", model_dir, threads, n, tag)
+                result = measure_app(tmp, tmp / "ds", model_dir, threads, device, n, tag)
                 apps.append(result)
                 detail = f"threads recorded in the sidecars {result['threads_recorded']}"
             else:
-                result = measure_loop(tmp, model_dir, means, threads, tag)
+                result = measure_loop(tmp, model_dir, means, threads, device, tag)
                 loops.append(result)
                 detail = f"median {median(result['per_image']):.1f} s per process"
             say(f"  {prefix}repeat {repeat + 1} {what:5}: {result['wall']:6.1f} s wall, {result['cpu']:6.1f} s CPU, "
@@ -430,12 +433,12 @@ def paired_ratios(numerators: list[dict], denominators: list[dict]) -> list[floa
     return [a["wall"] / b["wall"] for a, b in zip(numerators, denominators)]
 
 
-def measure_profile(tmp: Path, ds: Path, model_dir: Path, threads: int, tag: str,
+def measure_profile(tmp: Path, ds: Path, model_dir: Path, threads: int, device: str, tag: str,
                     cord_mask: Path | None = None) -> tuple[dict, dict]:
     """The instrumented app; with ``cord_mask``, the network runs in full but its labels are
     replaced by that mask, so metrics, figures and pages see a real cord instead of random noise."""
     out, work, timeline = tmp / f"profile-out-{tag}", tmp / f"profile-work-{tag}", tmp / f"profile-timeline-{tag}.json"
-    cmd = [sys.executable, "-c", PROFILE_CHILD, str(timeline), *app_args(ds, out, model_dir, work, threads)]
+    cmd = [sys.executable, "-c", PROFILE_CHILD, str(timeline), *app_args(ds, out, model_dir, work, threads, device)]
     result = check(run_process(cmd, tmp / "logs" / f"profile-{tag}", tmp,
                                {"BENCH_CORD_MASK": str(cord_mask)} if cord_mask else None), "the instrumented app")
     data = json.loads(timeline.read_text())
@@ -534,6 +537,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10, help="number of 3D means (and of 4D runs); default 10")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of the network (--omp-nthreads); default: every CPU this process may use")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the network runs, the same for the floor, the app (--device) and the per-image "
+                             "loop; default cpu")
     parser.add_argument("--repeats", type=int, default=2, help="times each measurement is repeated (medians); default 2")
     parser.add_argument("--volumes", type=int, default=200, help="volumes of each 4D run; default 200")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (printed)")
@@ -543,6 +549,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.n < 1 or args.repeats < 1 or args.volumes < 1:
         parser.error("--n, --repeats and --volumes must be at least 1")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device cuda: torch {torch.__version__} sees no GPU; use --device cpu")
     threads = args.threads or available_cpus()
     cheap_features = None if args.cheap_features.lower() == "none" else [int(v) for v in args.cheap_features.split(",")]
     load_start = load_text()
@@ -550,7 +561,7 @@ def main() -> None:
     say("# bench_throughput (issue 10)")
     say("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
     say(f"at start, {load_start}")
-    say(f"machine: {os.cpu_count()} CPUs, {available_cpus()} available to this process; network threads T = {threads}")
+    say(f"machine: {os.cpu_count()} CPUs, {available_cpus()} available to this process; network threads T = {threads}, device {args.device}")
     say(f"versions: python {platform.python_version()}, episeg-bids {EPISEG_VERSION} (checkout {REPO}), "
         f"torch {version('torch')}, nnunetv2 {version('nnunetv2')}, numpy {version('numpy')}, "
         f"nibabel {version('nibabel')}")
@@ -578,12 +589,12 @@ def main() -> None:
             f"({runs4d[0].stat().st_size / 2**20:.0f} MB each on disk), outside the dataset")
         say(f"inputs built in {time.perf_counter() - started:.0f} s\n")
 
-        floors, apps, loops = measure_segmentation(tmp, model_dir, means, threads, args.n, args.repeats)
+        floors, apps, loops = measure_segmentation(tmp, model_dir, means, threads, args.device, args.n, args.repeats)
 
         profiles = {}
         for tag, cord in (("random", None), ("cord", CORD_MASK)):
             load = os.getloadavg()[0]
-            profiles[tag] = measure_profile(tmp, tmp / "ds", model_dir, threads, tag, cord)
+            profiles[tag] = measure_profile(tmp, tmp / "ds", model_dir, threads, args.device, tag, cord)
             result, data = profiles[tag]
             say(f"  instrumented app, {PROFILE_NAMES[tag]}: {result['wall']:6.1f} s wall, {result['cpu']:6.1f} s CPU, "
                 f"peak {result['peak_mb']:5.0f} MB (mask components: median {median(data['components']):.0f}; "
@@ -592,9 +603,9 @@ def main() -> None:
         cheap = None
         if cheap_features:
             say(f"  cheap network {cheap_features} (GPU stand-in):")
-            cheap = measure_segmentation(tmp, cheap_dir, means, threads, args.n, args.repeats, prefix="cheap-")
+            cheap = measure_segmentation(tmp, cheap_dir, means, threads, args.device, args.n, args.repeats, prefix="cheap-")
             load = os.getloadavg()[0]
-            cheap_cord = measure_profile(tmp, tmp / "ds", cheap_dir, threads, "cheap-cord", CORD_MASK)
+            cheap_cord = measure_profile(tmp, tmp / "ds", cheap_dir, threads, args.device, "cheap-cord", CORD_MASK)
             say(f"  cheap-instrumented app, {PROFILE_NAMES['cord']}: {cheap_cord[0]['wall']:6.1f} s wall, "
                 f"{cheap_cord[0]['cpu']:6.1f} s CPU (1-min load at start {load:.2f})")
 
