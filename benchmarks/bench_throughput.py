@@ -76,6 +76,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_mean  # noqa: E402  (LEIPZIG, measure, max_difference)
 from episeg_bids import __version__ as EPISEG_VERSION  # noqa: E402
 from episeg_bids.cpus import available_cpus  # noqa: E402  (does not import torch)
+from episeg_bids.errors import EpisegError  # noqa: E402
+from episeg_bids.model import select_device  # noqa: E402  (imports torch only when called)
 from episeg_size_model import build_episeg_size_model, count_parameters  # noqa: E402
 
 RUN_PY = REPO / "run.py"
@@ -549,11 +551,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.n < 1 or args.repeats < 1 or args.volumes < 1:
         parser.error("--n, --repeats and --volumes must be at least 1")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error(f"--device cuda: torch {torch.__version__} sees no GPU; use --device cpu")
+    try:
+        select_device(args.device)          # the app's own check: cuda without a GPU is refused
+    except EpisegError as error:
+        parser.error(str(error))
     threads = args.threads or available_cpus()
     cheap_features = None if args.cheap_features.lower() == "none" else [int(v) for v in args.cheap_features.split(",")]
     load_start = load_text()
@@ -711,8 +712,9 @@ def main() -> None:
                 say(f"  {tag}: not found in the package (not timed): " + ", ".join(sorted(set(data["missing"]))))
         say(f"  CPU time (user + system), medians of the timed runs: floor {median(r['cpu'] for r in floors):.1f} s, "
             f"app {median(r['cpu'] for r in apps):.1f} s; instrumented A {profiles['random'][0]['cpu']:.1f} s, "
-            f"B {profiles['cord'][0]['cpu']:.1f} s: on {os.cpu_count()} cores the writer thread's figures compete "
-            "with the network even though they overlap it")
+            f"B {profiles['cord'][0]['cpu']:.1f} s"
+            + (f": on {threads} cores the writer thread's figures compete with the network even though they "
+               "overlap it" if args.device == "cpu" and threads >= available_cpus() else ""))
         for tag, (_, data) in profiles.items():
             app_net = [e[3] - e[2] for e in data["events"] if e[0] == "network (predict_single_npy_array)"]
             if app_net:
